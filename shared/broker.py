@@ -1,0 +1,98 @@
+"""The broker side shared by every process: transport options and a guarded Redis transport.
+
+The Redis transport is kombu's, with one change: each raw message is checked before kombu
+builds a Message from it. A payload kombu cannot handle (not JSON, no delivery tag, no
+task id, ...) is parked on the ``stilltag:parked`` list with the reason instead of being lost
+or crashing the consumer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+
+from shared.config import Settings
+from shared.constants import PARKED_KEY, PARKED_MAX_LEN
+from shared.messages import check_envelope
+
+log = logging.getLogger(__name__)
+
+GUARDED_REDIS_TRANSPORT = "shared.broker:GuardedRedisTransport"
+
+
+def park(client, *, queue: str, raw: bytes | str, reason: str) -> None:
+    """Keep a message that cannot be processed, with the reason, newest first."""
+    record = json.dumps({"queue": queue, "reason": reason, "raw": bytes_to_str(raw), "parked_at": time.time()})
+    log.error("parked a message from %r: %s", queue, reason)
+    if client is None:
+        return
+    try:
+        client.pipeline().lpush(PARKED_KEY, record).ltrim(PARKED_KEY, 0, PARKED_MAX_LEN - 1).execute()
+    except Exception:  # parking is best effort; the error log above already has it
+        log.exception("could not write the parked message to Redis")
+
+
+class GuardedRedisChannel(kombu_redis.Channel):
+    def _brpop_read(self, **options):
+        # kombu 5.7's Channel._brpop_read, with check_envelope() between the read and _deliver():
+        # kombu itself would raise on bad JSON or lose a message missing delivery_tag/delivery_info.
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if not dest__item:
+                raise kombu_redis.Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            envelope, reason = check_envelope(item)
+            if envelope is None:
+                with self.conn_or_acquire() as client:
+                    park(client, queue=dest, raw=item, reason=reason)
+                return True
+            self.connection._deliver(envelope, dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    Channel = GuardedRedisChannel
+
+
+def transport_options(settings: Settings) -> dict:
+    """Broker transport options, set on purpose (README, "Delivery guarantees")."""
+    if settings.broker_scheme in ("redis", "rediss"):
+        return {
+            # A message not acknowledged within this time is handed out again. It must exceed the
+            # longest wait + batch time of a prefetched message, or live work is delivered twice.
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Celery-worker processes (training) sweep expired messages this often; the tagging
+            # worker runs its own sweep at the same interval (worker/consumer.py).
+            "unacked_restore_interval": max(1, round(settings.restore_interval_s)),
+            "unacked_restore_throttle": 1,
+            # Uploads before backfill: BRPOP lists the keys in this fixed order.
+            "queue_order_strategy": "priority",
+        }
+    if settings.broker_scheme == "filesystem":
+        folder = settings.data_dir / "broker"
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    return {}
+
+
+def transport_class(settings: Settings) -> str | None:
+    return GUARDED_REDIS_TRANSPORT if settings.broker_scheme == "redis" else None

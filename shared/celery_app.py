@@ -1,0 +1,80 @@
+"""The Celery app: broker, queues, routes, delivery settings and the beat schedule.
+
+Configuration is read lazily from ``get_settings()`` the first time the app needs it, so
+importing this module (``celery -A shared.celery_app flower``) touches nothing.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.schedules import crontab
+from kombu import Queue
+
+from shared.broker import transport_class, transport_options
+from shared.config import Settings, get_settings
+from shared.constants import BACKFILL_QUEUE, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
+
+
+def celery_config(settings: Settings) -> dict:
+    minute, hour, day_of_month, month_of_year, day_of_week = settings.retrain_schedule.split()
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport": transport_class(settings),
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "task_queues": [Queue(TAGGING_QUEUE), Queue(BACKFILL_QUEUE), Queue(TRAINING_QUEUE)],
+        "task_default_queue": TAGGING_QUEUE,
+        "task_routes": {TAG_TASK: {"queue": TAGGING_QUEUE}, RETRAIN_TASK: {"queue": TRAINING_QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        # Lose nothing: acknowledge after the work is done, and redeliver when a worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "retrain-on-schedule": {
+                "task": RETRAIN_TASK,
+                "schedule": crontab(
+                    minute=minute,
+                    hour=hour,
+                    day_of_month=day_of_month,
+                    month_of_year=month_of_year,
+                    day_of_week=day_of_week,
+                ),
+                "options": {"queue": TRAINING_QUEUE},
+            }
+        },
+    }
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for ``settings`` (the process's settings when None), with stilltag's tasks."""
+    app = Celery("stilltag", set_as_current=False)
+    if settings is None:
+        app.add_defaults(lambda: celery_config(get_settings()))
+    else:
+        app.conf.update(celery_config(settings))
+    register_tasks(app)
+    return app
+
+
+def register_tasks(app: Celery) -> None:
+    @app.task(name=TAG_TASK, acks_late=True)
+    def tag(image_id: int) -> str:
+        """Tag one image (a stock Celery worker's path; ``stilltag worker`` batches instead)."""
+        from worker.service import tag_one
+
+        return tag_one(image_id)
+
+    @app.task(name=RETRAIN_TASK, acks_late=False)
+    def retrain(**options) -> str | None:
+        """Retrain from the website's tags; acked at start, since a retrain is not worth repeating blindly."""
+        from training.service import retrain_from_task
+
+        return retrain_from_task(**options)
+
+
+app = create_app()

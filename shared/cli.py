@@ -1,0 +1,157 @@
+"""The ``stilltag`` command line.
+
+Core commands live here; the tagging worker, the training worker and the demo add theirs from
+their own packages (``worker/cli.py``, ``training/cli.py``, ``demo/cli.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.config import get_settings
+from shared.constants import BACKFILL_QUEUE, TAG_TASK, TAGGING_QUEUE
+
+app = typer.Typer(help="stilltag: asynchronous image tagging with a preloaded fastai learner.", no_args_is_help=True)
+db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(models_app, name="models")
+console = Console()
+
+
+def runtime():
+    from shared.runtime import Runtime
+
+    return Runtime(get_settings())
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the tables (PostgreSQL or SQLite)."""
+    from shared.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    console.print(f"schema up to date at {settings.database_url.split('@')[-1]}")
+
+
+@app.command()
+def enqueue(
+    image_ids: Annotated[list[int], typer.Argument(help="Image IDs to tag.")],
+    queue: Annotated[str, typer.Option(help=f"{TAGGING_QUEUE} (uploads) or {BACKFILL_QUEUE} (bulk).")] = TAGGING_QUEUE,
+) -> None:
+    """Enqueue images for tagging, exactly as the website does."""
+    if queue not in (TAGGING_QUEUE, BACKFILL_QUEUE):
+        raise typer.BadParameter(f"queue must be {TAGGING_QUEUE} or {BACKFILL_QUEUE}", param_hint="--queue")
+    from shared.celery_app import create_app
+
+    celery = create_app(get_settings())
+    with celery.producer_or_acquire() as producer:
+        for image_id in image_ids:
+            celery.send_task(TAG_TASK, args=[image_id], queue=queue, producer=producer)
+    console.print(f"enqueued {len(image_ids)} image(s) on {queue!r}")
+
+
+@models_app.command("register")
+def models_register(
+    path: Annotated[Path, typer.Argument(help="An export.pkl written by learn.export().", exists=True, dir_okay=False)],
+    promote: Annotated[bool, typer.Option("--promote", help="Make it the champion now.")] = False,
+    arch: Annotated[str, typer.Option(help="Architecture name; read from the learner when omitted.")] = "",
+) -> None:
+    """Store an exported learner (e.g. trained in a notebook) as a new model version."""
+    from shared import registry
+    from shared.db import transaction
+    from worker.model import describe_learner
+
+    rt = runtime()
+    info = describe_learner(path)  # the file is the admin's own: reading its vocabulary is safe here
+    with transaction(rt.sessions) as session:
+        record = registry.register(
+            session=session, store=rt.model_store, artifact=path, arch=arch or info.arch, vocab=info.vocab
+        )
+        if promote:
+            record = registry.promote(session=session, version=record.version, reason="promoted at registration")
+    console.print(f"registered {record.version} ({record.arch}, {len(record.vocab)} tags, sha256 {record.sha256[:12]}…) "
+                  f"as {record.status}")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every model version, newest last."""
+    from shared import registry
+
+    rt = runtime()
+    with rt.sessions() as session:
+        versions = registry.list_versions(session=session)
+    table = Table("version", "status", "arch", "tags", "F2", "dataset", "created", "reason")
+    for v in versions:
+        f2 = v.metrics.get("f2")
+        table.add_row(
+            v.version, v.status, v.arch, str(len(v.vocab)), f"{f2:.4f}" if isinstance(f2, float) else "-",
+            str(v.dataset_size or "-"), f"{v.created_at:%Y-%m-%d %H:%M}" if v.created_at else "-", v.reason or "",
+        )
+    console.print(table)
+
+
+@models_app.command("promote")
+def models_promote(version: str) -> None:
+    """Make VERSION the champion; running tagging workers switch to it between batches."""
+    from shared import registry
+    from shared.db import transaction
+
+    with transaction(runtime().sessions) as session:
+        record = registry.promote(session=session, version=version, reason="promoted by an admin")
+    console.print(f"{record.version} is the champion")
+
+
+@models_app.command("rollback")
+def models_rollback() -> None:
+    """Go back to the previous champion."""
+    from shared import registry
+    from shared.db import transaction
+
+    with transaction(runtime().sessions) as session:
+        record = registry.rollback(session=session)
+    console.print(f"rolled back: {record.version} is the champion again")
+
+
+def _register_package_commands() -> None:
+    import importlib
+
+    for module in ("worker.cli", "training.cli", "demo.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register(app, models_app)
+
+
+_register_package_commands()
+
+
+def main() -> None:
+    try:
+        app()
+    except ValueError as exc:  # settings and registry errors carry a message meant for the user
+        console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The one settings object: every ``STILLTAG_*`` environment variable, validated at start-up.
+
+With nothing set, everything runs on one machine with no server (SQLite, local folders, a
+file-system broker). Production sets the URLs; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STILLTAG_"
+
+
+class Settings(BaseSettings):
+    """All of stilltag's configuration. Field ``x`` is read from ``STILLTAG_X``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- where things live -------------------------------------------------------------
+    data_dir: Path = Field(
+        default=Path(".stilltag"),
+        description="Folder for the embedded defaults (SQLite file, images, models, broker).",
+    )
+    broker_url: str = Field(
+        default="filesystem://",
+        description="Celery broker. redis://host:6379/0 in production; filesystem:// needs no server.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL; empty means SQLite in the data folder.",
+    )
+    image_url: str = Field(
+        default="",
+        description="Where image bytes live: file:///data/stills/{image_id}.jpg or s3://bucket/{image_id}.jpg.",
+    )
+    model_store: str = Field(
+        default="",
+        description="Where model versions are stored: file:///models or s3://bucket/models.",
+    )
+    s3_endpoint_url: str = Field(
+        default="",
+        description="S3-compatible endpoint (MinIO: http://minio:9000); empty means AWS.",
+    )
+    events_url: str = Field(
+        default="",
+        description="Redis for the stilltag:tagged events; empty means the broker when it is Redis.",
+    )
+
+    # --- tagging ----------------------------------------------------------------------
+    max_batch: int = Field(default=64, ge=1, le=4096, description="Images per forward pass, at most.")
+    max_wait_ms: int = Field(
+        default=50, ge=0, le=60_000, description="Longest wait for more images after the first."
+    )
+    threshold: float = Field(default=0.2, gt=0.0, lt=1.0, description="Keep tags at or above this probability.")
+    top_k: int = Field(default=10, ge=1, description="Keep at most this many tags per image.")
+    device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    fetch_concurrency: int = Field(default=16, ge=1, le=512, description="Concurrent image fetches per batch.")
+    decode_workers: int = Field(default=0, ge=0, le=256, description="Decode threads; 0 = one per CPU core.")
+    max_image_pixels: int = Field(
+        default=80_000_000, ge=1, description="Larger images are refused (decompression bombs)."
+    )
+    max_image_bytes: int = Field(default=64_000_000, ge=1, description="Larger files are refused.")
+    model_poll_s: float = Field(
+        default=5.0, gt=0, description="How often a tagging worker checks for a new champion."
+    )
+
+    # --- delivery ---------------------------------------------------------------------
+    visibility_timeout_s: int = Field(
+        default=300,
+        ge=1,
+        description="An unacknowledged message is handed out again after this long (Redis broker).",
+    )
+    restore_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often each tagging worker returns expired unacknowledged messages to their queue.",
+    )
+
+    # --- training ---------------------------------------------------------------------
+    train_arch: str = Field(default="resnet152", description="torchvision/fastai architecture name.")
+    train_pretrained: bool = Field(default=True, description="Start from ImageNet weights (needs a download).")
+    train_image_size: int = Field(default=224, ge=16, description="Square input size of the model.")
+    train_batch_size: int = Field(default=64, ge=1)
+    train_epochs_frozen: int = Field(default=3, ge=0)
+    train_epochs_unfrozen: int = Field(default=5, ge=0)
+    train_patience: int = Field(default=2, ge=1, description="Epochs without a better valid loss before stopping.")
+    train_min_tag_images: int = Field(default=10, ge=1, description="Tags on fewer images are left out.")
+    holdout_pct: int = Field(default=10, ge=1, le=50, description="Share of images in the fixed holdout.")
+    holdout_seed: str = Field(default="stilltag", description="Seed of the holdout's hash rule.")
+    dataset_query: str = Field(
+        default="SELECT image_id, tag FROM image_tags ORDER BY image_id",
+        description="SQL returning (image_id, tag) rows, one per tag, or (image_id, tags) with tags space-separated.",
+    )
+    gate_tolerance: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="A new model may be this much worse in F2 and still win."
+    )
+    retrain_schedule: str = Field(
+        default="0 3 1 * *", description="Cron schedule of the beat-driven retrain (monthly by default)."
+    )
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url_has_placeholder(cls, value: str) -> str:
+        if value and "{image_id}" not in value:
+            raise ValueError("STILLTAG_IMAGE_URL must contain {image_id}, e.g. s3://stills/{image_id}.jpg")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("STILLTAG_DEVICE must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> "Settings":
+        data_dir = self.data_dir.expanduser().resolve()
+        object.__setattr__(self, "data_dir", data_dir)
+        if not self.database_url:
+            object.__setattr__(self, "database_url", f"sqlite:///{data_dir / 'stilltag.db'}")
+        if not self.image_url:
+            object.__setattr__(self, "image_url", f"file://{data_dir / 'images'}/{{image_id}}.jpg")
+        if not self.model_store:
+            object.__setattr__(self, "model_store", f"file://{data_dir / 'models'}")
+        if not self.events_url and self.broker_url.startswith(("redis://", "rediss://")):
+            object.__setattr__(self, "events_url", self.broker_url)
+        return self
+
+    @property
+    def broker_scheme(self) -> str:
+        return self.broker_url.split("://", 1)[0]
+
+
+def unknown_env_names(environ: dict[str, str] | os._Environ[str] | None = None) -> list[str]:
+    """``STILLTAG_*`` variables that name no setting (usually a typo)."""
+    environ = os.environ if environ is None else environ
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment, refusing unknown ``STILLTAG_*`` names."""
+    unknown = unknown_env_names()
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(unknown)}; known STILLTAG_* names are listed in README.md"
+        )
+    return Settings(**overrides)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests build their own with ``Settings(...)``."""
+    return load_settings()
+
+

@@ -1,0 +1,25 @@
+"""Names that the website, the workers and the operators share.
+
+Changing any of these is a breaking change of the contract in README.md.
+"""
+
+TAG_TASK = "stilltag.tag"
+RETRAIN_TASK = "stilltag.retrain"
+
+TAGGING_QUEUE = "tagging"  # uploads: always served first
+BACKFILL_QUEUE = "backfill"  # bulk work: served when no upload waits
+TRAINING_QUEUE = "training"  # retraining, consumed only by training workers
+TAGGING_QUEUES = (TAGGING_QUEUE, BACKFILL_QUEUE)
+
+TAGGED_CHANNEL = "stilltag:tagged"  # Redis pub/sub, one JSON event per image after commit
+PARKED_KEY = "stilltag:parked"  # Redis list of malformed messages, newest first
+PARKED_MAX_LEN = 10_000  # parked messages kept before the oldest are trimmed
+
+STATE_TAGGED = "tagged"
+STATE_FAILED = "failed"
+
+MODEL_CANDIDATE = "candidate"
+MODEL_CHAMPION = "champion"
+MODEL_RETIRED = "retired"
+
+ARTIFACT_NAME = "export.pkl"

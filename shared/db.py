@@ -1,0 +1,95 @@
+"""Database schema, engines and sessions.
+
+The tables are created by migrations (``stilltag db upgrade``), never by ``create_all``; the
+metadata here is what the migrations are checked against. The same code runs on PostgreSQL and
+SQLite.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+metadata = sa.MetaData()
+
+tag_suggestions = sa.Table(
+    "tag_suggestions",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("image_id", sa.BigInteger, nullable=False),
+    sa.Column("tag", sa.String(255), nullable=False),
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("model_version", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("image_id", "model_version", "tag", name="uq_tag_suggestions_image_version_tag"),
+)
+
+tagging_status = sa.Table(
+    "tagging_status",
+    metadata,
+    sa.Column("image_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("model_version", sa.String(64), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+model_versions = sa.Table(
+    "model_versions",
+    metadata,
+    sa.Column("version", sa.String(64), primary_key=True),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("arch", sa.String(64), nullable=False),
+    sa.Column("vocab", sa.JSON, nullable=False),
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("dataset_size", sa.Integer, nullable=True),
+    sa.Column("snapshot_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+# The website's own tags, in the demo schema. A real website keeps its tags in its own tables;
+# STILLTAG_DATASET_QUERY points the training worker at them instead.
+image_tags = sa.Table(
+    "image_tags",
+    metadata,
+    sa.Column("image_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("tag", sa.String(255), primary_key=True),
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # several worker processes share one SQLite file in the demo
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL and a busy timeout so processes can share it."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # pragma: no cover - trivial
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One transaction: committed when the block ends, rolled back if it raises."""
+    with factory() as session, session.begin():
+        yield session
