@@ -1,0 +1,77 @@
+"""Shared fixtures: real PostgreSQL databases and Redis DB numbers made and removed per test,
+settings built for each test, and a small real fastai learner."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared.config import ENV_PREFIX, Settings
+
+PG_ADMIN_URL = os.environ.get("STILLTAG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST_URL = os.environ.get("STILLTAG_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB_RANGE = range(2, 16)  # DB 0 and 1 are left to whoever else uses this server
+
+
+@pytest.fixture(autouse=True)
+def _no_stilltag_env(monkeypatch):
+    """Tests build their own settings; nothing from the caller's shell leaks in."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX) and not name.startswith(ENV_PREFIX + "TEST_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+    import psycopg
+
+    name = f"stilltag_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis DB number that is empty now, flushed again afterwards."""
+    import redis
+
+    for db in REDIS_DB_RANGE:
+        client = redis.Redis.from_url(f"{REDIS_HOST_URL}/{db}")
+        # Claim the DB atomically so two test processes never share one.
+        if client.dbsize() == 0 and client.set("stilltag:test-claim", "1", nx=True):
+            url = f"{REDIS_HOST_URL}/{db}"
+            try:
+                yield url
+            finally:
+                client.flushdb()
+                client.close()
+            return
+        client.close()
+    pytest.fail(f"no empty Redis DB among {list(REDIS_DB_RANGE)} on {REDIS_HOST_URL}")
+
+
+@pytest.fixture
+def make_settings(tmp_path):
+    """``make_settings(**overrides)`` → Settings rooted in this test's temporary folder."""
+
+    def build(**overrides) -> Settings:
+        overrides.setdefault("data_dir", tmp_path / "data")
+        return Settings(**overrides)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_learner(tmp_path_factory) -> Path:
+    """A real exported fastai learner (resnet18 at 64 px, one epoch on generated pictures)."""
+    from tests.learners import train_tiny_learner
+
+    return train_tiny_learner(tmp_path_factory.mktemp("tiny-learner"))
