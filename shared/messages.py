@@ -30,8 +30,14 @@ def check_envelope(raw: bytes | str) -> tuple[dict | None, str | None]:
     headers = envelope.get("headers")
     props = envelope.get("properties")
     problems = []
-    if not isinstance(envelope.get("body"), str):
+    body = envelope.get("body")
+    if not isinstance(body, str):
         problems.append("no body")
+    else:
+        try:
+            base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            problems.append("body is not base64")
     if envelope.get("content-type") != "application/json":
         problems.append(f"content-type is {envelope.get('content-type')!r}, not 'application/json'")
     if not isinstance(headers, dict):
