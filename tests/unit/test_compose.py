@@ -80,8 +80,11 @@ def stilltag_services() -> dict[str, list[str]]:
     return found
 
 
-def resolve_command(args: list[str]) -> list[str]:
-    """Walk the ``stilltag`` command tree along ``args`` and parse the leaf's options."""
+def resolve_command(args: list[str], *, parse: bool = True) -> list[str]:
+    """Walk the ``stilltag`` command tree along ``args``; the command's path, e.g. ``["db", "upgrade"]``.
+
+    With ``parse``, the rest of ``args`` must be valid arguments and options of that command.
+    """
     import shared.cli  # registers worker/, training/ and demo/ commands that exist
 
     # Duck-typed: typer ships its own copy of click, so isinstance(…, click.Group) is unreliable.
@@ -98,6 +101,8 @@ def resolve_command(args: list[str]) -> list[str]:
         )
         path.append(name)
         command = sub
+    if not parse:
+        return path
     try:
         command.make_context(" ".join(["stilltag", *path]), rest)  # parses options, runs nothing
     except Exception as exc:
