@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -24,38 +25,51 @@ def _no_stilltag_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def pg_url():
-    """A fresh, empty PostgreSQL database for this test, dropped afterwards."""
+@contextmanager
+def pg_database():
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
     import psycopg
 
     name = f"stilltag_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture
-def redis_url():
-    """A Redis DB number that is empty now, flushed again afterwards."""
+@contextmanager
+def redis_database():
+    """A Redis DB number that is empty now, claimed atomically, flushed afterwards."""
     import redis
 
     for db in REDIS_DB_RANGE:
         client = redis.Redis.from_url(f"{REDIS_HOST_URL}/{db}")
-        # Claim the DB atomically so two test processes never share one.
+        # Claim the DB so two test processes never share one.
         if client.dbsize() == 0 and client.set("stilltag:test-claim", "1", nx=True):
-            url = f"{REDIS_HOST_URL}/{db}"
             try:
-                yield url
+                yield f"{REDIS_HOST_URL}/{db}"
             finally:
                 client.flushdb()
                 client.close()
             return
         client.close()
     pytest.fail(f"no empty Redis DB among {list(REDIS_DB_RANGE)} on {REDIS_HOST_URL}")
+
+
+@pytest.fixture
+def pg_url():
+    with pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url():
+    with redis_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -75,3 +89,31 @@ def tiny_learner(tmp_path_factory) -> Path:
     from tests.learners import train_tiny_learner
 
     return train_tiny_learner(tmp_path_factory.mktemp("tiny-learner"))
+
+
+class S3Server:
+    """moto's standalone S3-compatible server, over HTTP on a free local port."""
+
+    def __init__(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        import boto3
+
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def stop(self):
+        self._server.stop()
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "stilltag-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "stilltag-test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = S3Server()
+    yield server
+    server.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 from demo.synthetic import VOCAB, make_pictures
 
 
-def train_tiny_learner(workdir: Path, *, n_images: int = 64, size: int = 64, epochs: int = 1, seed: int = 0) -> Path:
+def train_tiny_learner(workdir: Path, *, n_images: int = 64, size: int = 64, epochs: int = 2, seed: int = 0, lr: float = 1e-3) -> Path:
     """Train a tiny multi-label learner the way the seed project did and ``export()`` it."""
     import pandas as pd
     from fastai.vision.all import (
@@ -32,7 +32,7 @@ def train_tiny_learner(workdir: Path, *, n_images: int = 64, size: int = 64, epo
     )
     dls = block.dataloaders(pd.DataFrame(rows), bs=16, num_workers=0)
     learn = vision_learner(dls, resnet18, pretrained=False)
-    learn.fit_one_cycle(epochs, 1e-2)
+    learn.fit_one_cycle(epochs, lr)
     learn.path = workdir
     learn.export("export.pkl")
     return workdir / "export.pkl"

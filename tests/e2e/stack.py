@@ -1,0 +1,133 @@
+"""A real stilltag stack for end-to-end tests: PostgreSQL or SQLite, a Redis DB, an image folder,
+a registered champion, and tagging workers as separate processes started with the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from shared.config import ENV_PREFIX
+from shared.db import make_engine, tag_suggestions, tagging_status
+
+READY_LINE = "consuming "
+WORKER_START_TIMEOUT_S = 180  # importing torch + fastai and loading the learner on a busy 2-core machine
+
+
+def stilltag(env: dict[str, str], *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=check)
+
+
+@dataclass
+class WorkerProcess:
+    env: dict[str, str]
+    log_path: Path
+    queues: str = "tagging,backfill"
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", self.queues],
+                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> "WorkerProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if READY_LINE in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"worker not ready after {timeout_s} s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@dataclass
+class Stack:
+    settings_env: dict[str, str]
+    root: Path
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        return {**base, **self.settings_env, "PYTHONUNBUFFERED": "1"}
+
+    @property
+    def image_dir(self) -> Path:
+        return self.root / "images"
+
+    def put_image(self, image_id: int, data: bytes) -> None:
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        (self.image_dir / f"{image_id}.jpg").write_bytes(data)
+
+    def worker(self, name: str = "worker", **kw) -> WorkerProcess:
+        w = WorkerProcess(self.env, self.root / f"{name}.log", **kw).start()
+        self.workers.append(w)
+        return w
+
+    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return stilltag(self.env, *args, **kw)
+
+    def engine(self):
+        if not hasattr(self, "_engine"):
+            self._engine = make_engine(self.settings_env["STILLTAG_DATABASE_URL"])
+        return self._engine
+
+    def statuses(self) -> dict[int, tuple[str, str | None, str | None]]:
+        with self.engine().connect() as c:
+            rows = c.execute(sa.select(tagging_status.c.image_id, tagging_status.c.state, tagging_status.c.error,
+                                       tagging_status.c.model_version))
+            return {r.image_id: (r.state, r.error, r.model_version) for r in rows}
+
+    def suggestions(self) -> list[tuple]:
+        with self.engine().connect() as c:
+            return c.execute(
+                sa.select(tag_suggestions.c.image_id, tag_suggestions.c.tag, tag_suggestions.c.probability,
+                          tag_suggestions.c.model_version)
+                .order_by(tag_suggestions.c.image_id, tag_suggestions.c.tag)
+            ).all()
+
+    def wait_for(self, image_ids, timeout_s: float = 120) -> dict:
+        deadline = time.monotonic() + timeout_s
+        wanted = set(image_ids)
+        while True:
+            got = self.statuses()
+            if wanted <= set(got):
+                return got
+            if time.monotonic() > deadline:
+                logs = "\n".join(w.log()[-3000:] for w in self.workers)
+                raise AssertionError(f"not tagged after {timeout_s} s: {sorted(wanted - set(got))}\n{logs}")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        for w in self.workers:
+            if w.proc and w.proc.poll() is None:
+                w.stop()
+        if hasattr(self, "_engine"):
+            self._engine.dispose()

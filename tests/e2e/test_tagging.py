@@ -1,0 +1,154 @@
+"""A real tagging worker process on PostgreSQL + Redis: enqueue → suggestions in the database."""
+
+import json
+import time
+
+import pytest
+import redis
+
+from demo.synthetic import make_picture
+from shared.constants import PARKED_KEY, TAGGED_CHANNEL
+from tests.envelopes import broken_envelopes, lpush, tag_envelope
+from tests.images import encode, png_bomb
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait_until_idle(client, timeout_s: float = 60) -> None:
+    """Until the queues are empty and every delivered message is acknowledged."""
+    deadline = time.monotonic() + timeout_s
+    while client.llen("tagging") or client.llen("backfill") or client.hlen("unacked"):
+        assert time.monotonic() < deadline, "messages still queued or unacknowledged"
+        time.sleep(0.05)
+
+
+def _redis(stack):
+    return redis.Redis.from_url(stack.settings_env["STILLTAG_BROKER_URL"])
+
+
+def test_raw_lpush_is_tagged_exactly_like_the_celery_client(running):
+    data = make_picture(1, size=(320, 200)).jpeg()
+    running.put_image(101, data)
+    running.put_image(102, data)  # the same picture under two IDs
+    lpush(_redis(running), "tagging", tag_envelope(101))  # what the website's Ruby code does
+    running.cli("enqueue", "102")  # Celery's own Python client
+    statuses = running.wait_for([101, 102])
+    assert statuses[101][0] == statuses[102][0] == "tagged"
+    rows = {i: [(t, p, v) for (img, t, p, v) in running.suggestions() if img == i] for i in (101, 102)}
+    assert rows[101] and rows[101] == rows[102]
+
+
+def test_event_is_published_after_commit(running):
+    running.put_image(201, make_picture(2).jpeg())
+    pubsub = _redis(running).pubsub()
+    pubsub.subscribe(TAGGED_CHANNEL)
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    running.cli("enqueue", "201")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        msg = pubsub.get_message(timeout=1)
+        if msg and msg["type"] == "message":
+            event = json.loads(msg["data"])
+            if event["image_id"] == 201:
+                break
+    else:
+        pytest.fail("no event for image 201")
+    assert event == {"image_id": 201, "state": "tagged", "model_version": "v1"}
+    assert running.statuses()[201][0] == "tagged"  # the row was committed before the event
+    pubsub.close()
+
+
+def test_bad_images_fail_alone_and_the_rest_of_the_batch_is_tagged(running):
+    good = [301, 302, 303]
+    for i in good:
+        running.put_image(i, make_picture(i).jpeg())
+    bad = {
+        310: (None, "no such file"),
+        311: (b"", "empty file"),
+        312: (make_picture(5, size=(400, 300)).jpeg()[:500], "corrupt or truncated"),
+        313: (b"<html>not an image</html>", "not an image"),
+        314: (png_bomb(), "decompression bomb"),
+    }
+    for i, (data, _) in bad.items():
+        if data is not None:
+            running.put_image(i, data)
+    client = _redis(running)
+    pipe = client.pipeline()
+    for i in [*good[:2], *bad, good[2]]:
+        pipe.lpush("tagging", json.dumps(tag_envelope(i)))
+    pipe.execute()  # all at once: they share a batch
+    statuses = running.wait_for([*good, *bad])
+    for i in good:
+        assert statuses[i][0] == "tagged"
+    for i, (_, reason) in bad.items():
+        state, error, _ = statuses[i]
+        assert state == "failed" and reason in error, (i, error)
+
+
+def test_malformed_messages_are_parked_and_never_stop_the_worker(running):
+    client = _redis(running)
+    client.delete(PARKED_KEY)
+    broken = broken_envelopes(401)
+    for raw in broken.values():
+        lpush(client, "tagging", raw)
+    running.put_image(402, make_picture(402).jpeg())
+    lpush(client, "tagging", tag_envelope(402))
+    assert running.wait_for([402])[402][0] == "tagged"
+    deadline = time.monotonic() + 10
+    while client.llen(PARKED_KEY) < len(broken) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    parked = [json.loads(p) for p in client.lrange(PARKED_KEY, 0, -1)]
+    assert len(parked) == len(broken)
+    assert all(p["reason"] and p["queue"] == "tagging" for p in parked)
+    assert 401 not in running.statuses()
+    assert running.workers[0].proc.poll() is None, "the worker must still be running"
+    _wait_until_idle(client)  # nothing stuck: every message was acknowledged or parked
+
+
+def test_a_duplicated_message_leaves_the_same_rows_as_one(running):
+    running.put_image(501, make_picture(501).jpeg())
+    running.cli("enqueue", "501")
+    running.wait_for([501])
+    once = [r for r in running.suggestions() if r[0] == 501]
+    running.cli("enqueue", "501", "501")
+    _wait_until_idle(_redis(running))
+    assert [r for r in running.suggestions() if r[0] == 501] == once
+
+
+def test_uploads_are_served_before_backfill(running):
+    ids = list(range(1000, 1160))
+    picture = make_picture(7).jpeg()
+    for i in [*ids, 2000]:
+        running.put_image(i, picture)
+    client = _redis(running)
+    pipe = client.pipeline()
+    for i in ids:
+        pipe.lpush("backfill", json.dumps(tag_envelope(i, queue="backfill")))
+    pipe.execute()
+    lpush(client, "tagging", tag_envelope(2000))  # one upload arrives behind a burst of backfill
+    running.wait_for([*ids, 2000], timeout_s=300)
+    with running.engine().connect() as c:
+        import sqlalchemy as sa
+
+        from shared.db import tagging_status
+
+        order = [r.image_id for r in c.execute(
+            sa.select(tagging_status.c.image_id).where(tagging_status.c.image_id.in_([*ids, 2000]))
+            .order_by(tagging_status.c.updated_at, tagging_status.c.image_id))]
+    ahead = order.index(2000)
+    print(f"upload behind {len(ids)} backfill images was committed after {ahead} of them")
+    # Only what the worker had already taken (the prefetch window: 3 batches of 8) goes first.
+    assert ahead <= 3 * 8
+
+
+def test_a_lone_upload_is_tagged_in_its_own_small_batch(running):
+    running.put_image(601, make_picture(601).jpeg())
+    time.sleep(1.0)  # the worker is idle
+    t0 = time.monotonic()
+    lpush(_redis(running), "tagging", tag_envelope(601))
+    running.wait_for([601])
+    latency_ms = (time.monotonic() - t0) * 1000
+    lines = [line for line in running.workers[0].log().splitlines() if "batch of" in line]
+    print(f"lone upload: enqueue→commit {latency_ms:.0f} ms; worker log: {lines[-1]}")
+    assert "batch of 1 " in lines[-1]  # it waited for no other image
+    assert latency_ms < 30_000

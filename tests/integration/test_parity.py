@@ -1,0 +1,42 @@
+"""The worker's probabilities are fastai's: same preprocessing, same model, same activation."""
+
+import numpy as np
+import pytest
+
+from demo.synthetic import make_picture
+from worker.model import TaggingModel
+from worker.preprocess import decode_image
+from worker.results import select_tags
+
+pytestmark = pytest.mark.integration
+
+THRESHOLD = 0.2
+# Small generated pictures and large JPEGs at movie sizes (decoded at reduced size by the worker).
+SIZES = [(96, 96), (320, 200), (1280, 720), (1920, 800), (1024, 768), (1440, 1080)]
+
+
+def test_worker_probabilities_match_learn_predict(tiny_learner):
+    import warnings
+
+    from fastai.learner import load_learner
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn = load_learner(tiny_learner, cpu=True)
+    model = TaggingModel.load(tiny_learner, version="v1", device="cpu")
+    assert (model.prep.height, model.prep.width, model.prep.method) == (64, 64, "squish")  # read from the learner
+
+    pictures = [make_picture(1000 + i, seed=7, size=size) for i, size in enumerate(SIZES * 2)]
+    data = [p.jpeg(quality=92) for p in pictures]
+    ours = model.predict(np.stack([decode_image(d, model.prep, max_pixels=100_000_000) for d in data]))
+    with learn.no_bar(), learn.no_logging():
+        theirs = np.stack([learn.predict(d)[2].numpy() for d in data])
+
+    assert theirs.std() > 0.02, "the learner must give varied probabilities for this test to mean anything"
+    max_diff = float(np.abs(ours - theirs).max())
+    print(f"parity: max |worker - learn.predict| = {max_diff:.6f} over {len(data)} images x {len(model.vocab)} tags")
+    assert max_diff <= 0.01
+    for a, b in zip(ours, theirs):
+        ours_tags = {t for t, _ in select_tags(a, model.vocab, threshold=THRESHOLD, top_k=len(model.vocab))}
+        fastai_tags = {model.vocab[i] for i in np.flatnonzero(b >= THRESHOLD)}
+        assert ours_tags == fastai_tags

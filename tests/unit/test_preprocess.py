@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.images import encode, png_bomb, sixteen_bit_png, with_exif_orientation
+from worker.preprocess import ImageRejected, Preprocessing, decode_image
+
+PREP = Preprocessing(height=32, width=48)
+CAP = 10_000_000
+
+
+def _half_red(width=120, height=60) -> Image.Image:
+    img = Image.new("RGB", (width, height), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, width // 2, height))  # left half red, right half blue
+    return img
+
+
+def test_output_is_model_sized_rgb_uint8():
+    out = decode_image(encode(_half_red(), "PNG"), PREP, max_pixels=CAP)
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+    assert out[16, 2].tolist() == [255, 0, 0] and out[16, 45].tolist() == [0, 0, 255]
+
+
+def test_exif_orientation_is_applied():
+    # Orientation 6: the stored pixels must be turned 90° clockwise to be seen upright.
+    out = decode_image(with_exif_orientation(_half_red(), 6), Preprocessing(height=40, width=40), max_pixels=CAP)
+    top, bottom = out[2, 20], out[37, 20]
+    assert top[0] > 200 and top[2] < 60  # red is on top after the turn
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(encode(_half_red().convert("L"), "PNG"), id="grayscale"),
+        pytest.param(encode(_half_red().convert("CMYK"), "JPEG"), id="cmyk-jpeg"),
+        pytest.param(encode(_half_red().convert("P"), "PNG"), id="palette"),
+        pytest.param(encode(_half_red().convert("RGBA"), "PNG"), id="alpha"),
+        pytest.param(encode(_half_red().convert("LA"), "PNG"), id="gray-alpha"),
+        pytest.param(encode(_half_red().convert("1"), "PNG"), id="one-bit"),
+        pytest.param(sixteen_bit_png(), id="16-bit"),
+        pytest.param(encode(_half_red(), "WEBP"), id="webp"),
+        pytest.param(encode(_half_red(), "GIF"), id="gif"),
+    ],
+)
+def test_unusual_modes_are_converted_not_refused(data):
+    out = decode_image(data, PREP, max_pixels=CAP)
+    assert out.shape == (32, 48, 3) and out.dtype == np.uint8
+
+
+def test_sixteen_bit_keeps_its_range():
+    out = decode_image(sixteen_bit_png(), PREP, max_pixels=CAP)
+    assert out.min() < 20 and out.max() > 235  # scaled down, not clipped to white
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        pytest.param(b"", "empty file", id="zero-bytes"),
+        pytest.param(b"GIF89a this is a text file pretending", "not an image|corrupt", id="garbage-gif-magic"),
+        pytest.param(b"hello, I am text\n" * 20, "not an image", id="text"),
+        pytest.param(encode(_half_red(), "JPEG")[:300], "corrupt or truncated", id="truncated-jpeg"),
+        pytest.param(encode(_half_red(), "PNG")[:-40], "corrupt or truncated", id="truncated-png"),
+        pytest.param(png_bomb(), "decompression bomb", id="decompression-bomb-huge"),
+        pytest.param(png_bomb(12_000, 1_000), "over the cap of 10000000", id="decompression-bomb-over-cap"),
+    ],
+)
+def test_bad_images_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected, match=reason):
+        decode_image(data, PREP, max_pixels=CAP)
+
+
+def test_pixel_cap_is_the_setting():
+    data = encode(_half_red(200, 100), "PNG")
+    with pytest.raises(ImageRejected, match="20000 pixels, over the cap of 19999"):
+        decode_image(data, PREP, max_pixels=19_999)
+    assert decode_image(data, PREP, max_pixels=20_000).shape == (32, 48, 3)
+
+
+def test_large_jpeg_draft_decode_matches_full_decode():
+    """Reduced-size JPEG decoding stays close to decoding at full size and resizing."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)
+    big = Image.fromarray(base).resize((1920, 1080), Image.Resampling.BICUBIC)
+    data = encode(big, "JPEG", quality=92)
+    prep = Preprocessing(height=224, width=224)
+    fast = decode_image(data, prep, max_pixels=CAP).astype(int)
+    full = decode_image(data, Preprocessing(height=224, width=224, draft=False), max_pixels=CAP).astype(int)
+    assert np.abs(fast - full).mean() < 3.0
