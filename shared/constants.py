@@ -23,3 +23,6 @@ MODEL_CHAMPION = "champion"
 MODEL_RETIRED = "retired"
 
 ARTIFACT_NAME = "export.pkl"
+
+RETRAIN_LOCK_KEY = "stilltag:retrain-lock"  # Redis lock held while a retrain runs (Redis broker)
+RETRAIN_LOCK_FILE = "retrain.lock"  # fcntl lock in the data folder (any other broker)

@@ -1,0 +1,119 @@
+"""One retrain at a time: a Redis lock when the broker is Redis, an fcntl file lock otherwise.
+
+The Redis lock expires unless renewed, and a thread renews it while the retrain runs, so a
+training worker that dies frees it within ``LOCK_TTL_S``. The file lock is released by the
+kernel when its process exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from shared.config import Settings
+from shared.constants import RETRAIN_LOCK_FILE, RETRAIN_LOCK_KEY
+
+log = logging.getLogger(__name__)
+
+LOCK_TTL_S = 600  # a dead holder's Redis lock frees itself after 10 minutes
+RENEW_EVERY_S = LOCK_TTL_S / 5
+
+
+class RetrainBusy(RuntimeError):
+    """Another retrain holds the lock; this one does not start."""
+
+
+def _holder() -> str:
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return f"{socket.gethostname()} pid {os.getpid()} since {started} ({uuid.uuid4().hex[:8]})"
+
+
+@contextmanager
+def redis_lock(url: str, *, key: str = RETRAIN_LOCK_KEY, ttl_s: float = LOCK_TTL_S) -> Iterator[str]:
+    import redis
+    from redis.exceptions import LockError
+
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    token = _holder()
+    lock = client.lock(key, timeout=ttl_s, thread_local=False)
+    try:
+        if not lock.acquire(blocking=False, token=token):
+            holder = client.get(key)
+            raise RetrainBusy(
+                f"another retrain is running ({holder.decode() if holder else 'holder unknown'}; Redis key {key}); "
+                "this one was not started. Wait for it to finish, or delete the key if its worker is gone."
+            )
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(ttl_s / 5):
+                try:
+                    lock.reacquire()
+                except LockError:
+                    log.error("the retrain lock %s was lost (expired?); another retrain may start", key)
+                    return
+                except Exception:  # Redis briefly away: try again on the next tick
+                    log.warning("could not renew the retrain lock %s", key, exc_info=True)
+
+        renewer = threading.Thread(target=renew, name="retrain-lock", daemon=True)
+        renewer.start()
+        try:
+            yield token
+        finally:
+            stop.set()
+            renewer.join()
+            try:
+                lock.release()
+            except LockError:
+                log.warning("the retrain lock %s had already expired when the retrain ended", key)
+    finally:
+        client.close()
+
+
+@contextmanager
+def file_lock(path) -> Iterator[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "holder unknown"
+            raise RetrainBusy(
+                f"another retrain is running ({holder}; lock file {path}); this one was not started. "
+                "Wait for it to finish."
+            ) from None
+        token = _holder()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(token + "\n")
+        fh.flush()
+        try:
+            yield token
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fh.flush()
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextmanager
+def retrain_lock(settings: Settings) -> Iterator[str]:
+    """Hold the retrain lock for the block.
+
+    Raises:
+        RetrainBusy: another retrain holds it.
+    """
+    if settings.broker_scheme in ("redis", "rediss"):
+        with redis_lock(settings.broker_url) as token:
+            yield token
+    else:
+        with file_lock(settings.data_dir / RETRAIN_LOCK_FILE) as token:
+            yield token

@@ -1,0 +1,266 @@
+"""The seed project's recipe in fastai 2.8 terms.
+
+Multi-label DataLoaders over the exported rows, each picture read through the image store;
+``Resize(size, method='squish')``, ``aug_transforms()`` and ImageNet normalisation;
+``vision_learner`` with the configured architecture; ``lr_find`` picks the rate; one cycle with
+the body frozen, then ``unfreeze()`` and one cycle with discriminative rates; the best epoch by
+validation loss is kept and training stops early when it stops improving; mixed precision on a
+GPU; ``export()``.
+
+The exported learner is a pickle that the tagging worker loads in another process, so every
+function and class it references (``ImageFromStore``, ``example_tags``) lives at module level
+here. fastai and torch are imported inside functions, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from shared.config import Settings
+from training.dataset import Dataset, Example
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, dict], None]  # progress(event, fields); see training.service
+
+LR_FALLBACK = 1e-3  # used when lr_find cannot suggest a finite rate
+LR_BOUNDS = (1e-6, 1e-1)
+LR_FIND_MAX_IT = 100  # fastai's default
+LR_FIND_MIN_IT = 30
+UNFROZEN_LR_DIVISOR = 5  # the seed's slice(lo, lr / 5) after unfreeze()
+LR_MULT = 100  # fastai's fine_tune spread between the first and last layer groups
+BEST_MODEL_NAME = "best"
+PLACEHOLDER_SIZE_PX = 32
+METRIC_NAMES = {"fbeta_score": "f2"}  # fastai names the F2 metric after sklearn's function
+
+
+class ImageFromStore:
+    """``get_x``: a training example (or an image ID) → its picture, read through the image store.
+
+    It is pickled with the exported learner, so it keeps only the store's configuration; the
+    store itself (threads, S3 client) is made on first use in whichever process uses it.
+    """
+
+    def __init__(self, image_url: str, *, endpoint_url: str = "", max_bytes: int | None = None):
+        self.image_url = image_url
+        self.endpoint_url = endpoint_url
+        self.max_bytes = max_bytes
+        self._source = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_source": None}
+
+    def __call__(self, item):
+        from fastai.vision.all import PILImage
+        from PIL import Image
+
+        image_id = item.image_id if isinstance(item, Example) else int(item)
+        try:
+            if self._source is None:
+                from shared.stores import ImageSource
+
+                self._source = ImageSource(self.image_url, endpoint_url=self.endpoint_url, concurrency=1,
+                                           max_bytes=self.max_bytes)
+            img = PILImage.create(self._source.fetch(image_id))
+            img.load()
+            return img.convert("RGB") if img.mode != "RGB" else img
+        except Exception as exc:
+            # One unreadable picture must not fail hours of training: a blank stands in for it.
+            log.warning("image %s cannot be read (%s); a blank picture stands in for it", image_id, exc)
+            return PILImage(Image.new("RGB", (PLACEHOLDER_SIZE_PX, PLACEHOLDER_SIZE_PX), (128, 128, 128)))
+
+
+def example_tags(item):
+    """``get_y``: the example's tags (no annotations: fastai would dispatch and cast on them)."""
+    return list(item.tags)
+
+
+def resolve_arch(name: str):
+    """An architecture by name: fastai's own list (torchvision's models), then torchvision's registry."""
+    from fastai.vision import models as fastai_models
+    from torchvision import models as tv_models
+
+    builder = getattr(fastai_models, name, None)
+    if callable(builder) and not isinstance(builder, type):
+        return builder
+    try:
+        return tv_models.get_model_builder(name)
+    except ValueError:
+        raise ValueError(
+            f"unknown architecture {name!r} (STILLTAG_TRAIN_ARCH); use a torchvision name such as "
+            "resnet18, resnet50, resnet152, densenet121"
+        ) from None
+
+
+def pick_device(setting: str):
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def clamp_lr(lr: float | None) -> float:
+    if lr is None or not math.isfinite(lr) or lr <= 0:
+        return LR_FALLBACK
+    return min(max(lr, LR_BOUNDS[0]), LR_BOUNDS[1])
+
+
+@dataclass
+class TrainingRun:
+    """What a run leaves behind: the learner (best epoch loaded), its export and its history."""
+
+    learn: object
+    export_path: Path
+    lr: float
+    lr_find: dict  # {"lrs": [...], "losses": [...]}
+    epochs: list[dict] = field(default_factory=list)  # one dict per epoch: phase, losses, metrics, seconds
+    batch_losses: list[dict] = field(default_factory=list)  # {"phase", "losses": [...]} per fit
+    seconds: float = 0.0
+    device: str = "cpu"
+
+
+def make_monitor(progress: Progress | None, epochs: list[dict], batch_losses: list[dict]):
+    """A fastai callback reporting batches and epochs; passed to ``fit`` only, so never exported."""
+    from fastai.callback.core import Callback
+    from fastai.learner import Recorder
+
+    class TrainingMonitor(Callback):
+        order = Recorder.order + 1  # after the Recorder has filled this epoch's log
+        phase = "frozen"
+
+        def before_fit(self):
+            self.fit_started = time.monotonic()
+
+        def before_epoch(self):
+            self.epoch_started = time.monotonic()
+            if progress:
+                progress("epoch_start", {"phase": self.phase, "epoch": self.epoch + 1, "n_epochs": self.n_epoch,
+                                         "n_batches": len(self.dls.train)})
+
+        def after_batch(self):
+            if self.training and progress:
+                progress("batch", {"phase": self.phase, "epoch": self.epoch + 1, "batch": self.iter + 1,
+                                   "n_batches": self.n_iter, "loss": float(self.smooth_loss)})
+
+        def after_epoch(self):
+            row = {"phase": self.phase, "epoch": len(epochs) + 1,
+                   "seconds": round(time.monotonic() - self.epoch_started, 2)}
+            for name, value in zip(self.recorder.metric_names[1:], self.recorder.log[1:]):
+                if name != "time":
+                    row[METRIC_NAMES.get(name, name)] = float(value) if value is not None else None
+            epochs.append(row)
+            log.info("epoch %d (%s): %s", row["epoch"], self.phase,
+                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if isinstance(v, float)))
+            if progress:
+                progress("epoch", row)
+
+        def after_fit(self):
+            batch_losses.append({"phase": self.phase, "losses": [float(v) for v in self.recorder.losses]})
+
+    return TrainingMonitor()
+
+
+def build_dataloaders(dataset: Dataset, settings: Settings, *, device):
+    from fastai.vision.all import (
+        DataBlock, ImageBlock, IndexSplitter, MultiCategoryBlock, Normalize, Resize, aug_transforms,
+        imagenet_stats,
+    )
+
+    items = [*dataset.train, *dataset.valid]
+    block = DataBlock(
+        blocks=(ImageBlock, MultiCategoryBlock(vocab=list(dataset.vocab))),
+        get_x=ImageFromStore(settings.image_url, endpoint_url=settings.s3_endpoint_url,
+                             max_bytes=settings.max_image_bytes),
+        get_y=example_tags,
+        splitter=IndexSplitter(range(len(dataset.train), len(items))),
+        item_tfms=Resize(settings.train_image_size, method="squish"),
+        # Normalize is explicit: fastai adds it only for pretrained models, and the tagging
+        # worker reads the statistics from the learner's pipeline.
+        batch_tfms=[*aug_transforms(), Normalize.from_stats(*imagenet_stats)],
+    )
+    # On a CPU the model uses every core; loading in the main process is simpler and as fast.
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    return block.dataloaders(items, bs=settings.train_batch_size, num_workers=workers, device=device)
+
+
+def build_learner(dls, settings: Settings, *, workdir: Path):
+    from fastai.vision.all import FBetaMulti, accuracy_multi, vision_learner
+
+    f2 = FBetaMulti(beta=2, average="samples", thresh=settings.threshold)
+    # An image with no tag above the threshold has no precision; score it 0 as evaluate.py does
+    # instead of sklearn warning on every such batch (FBetaMulti does not pass this through).
+    f2.kwargs["zero_division"] = 0
+    learn = vision_learner(
+        dls, resolve_arch(settings.train_arch), pretrained=settings.train_pretrained,
+        metrics=[partial(accuracy_multi, thresh=settings.threshold), f2], path=workdir,
+    )
+    return learn
+
+
+def lr_find_iterations(n_batches: int) -> int:
+    """fastai's 100 steps, but never much more than two epochs of a small dataset."""
+    return max(LR_FIND_MIN_IT, min(LR_FIND_MAX_IT, 2 * n_batches))
+
+
+def find_lr(learn) -> tuple[float, dict]:
+    from fastai.callback.schedule import valley
+
+    with learn.no_bar(), learn.no_logging():
+        suggestion = learn.lr_find(num_it=lr_find_iterations(len(learn.dls.train)), suggest_funcs=(valley,),
+                                   show_plot=False)
+    curve = {"lrs": [float(v) for v in learn.recorder.lrs], "losses": [float(v) for v in learn.recorder.losses]}
+    return clamp_lr(getattr(suggestion, "valley", None)), curve
+
+
+def train(dataset: Dataset, settings: Settings, *, workdir: Path, progress: Progress | None = None) -> TrainingRun:
+    """Fit the recipe on ``dataset.train`` (``dataset.valid`` picks the epoch) and export it."""
+    from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
+
+    started = time.monotonic()
+    device = pick_device(settings.device)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dls = build_dataloaders(dataset, settings, device=device)
+    learn = build_learner(dls, settings, workdir=workdir)
+    if progress:
+        progress("stage", {"name": "lr_find", "detail": f"{settings.train_arch} on {device.type}"})
+    lr, curve = find_lr(learn)
+    log.info("lr_find suggests %.2e", lr)
+    if device.type == "cuda":
+        learn = learn.to_fp16()
+
+    epochs: list[dict] = []
+    batch_losses: list[dict] = []
+    monitor = make_monitor(progress, epochs, batch_losses)
+    # One SaveModelCallback across both cycles keeps the best epoch of the whole run, frozen or not.
+    best = SaveModelCallback(monitor="valid_loss", fname=BEST_MODEL_NAME, reset_on_fit=False)
+    patience = settings.train_patience
+    with learn.no_bar(), learn.no_logging():
+        if settings.train_epochs_frozen:
+            monitor.phase = "frozen"
+            if progress:
+                progress("stage", {"name": "frozen", "detail": f"{settings.train_epochs_frozen} epoch(s) at {lr:.2e}"})
+            learn.fit_one_cycle(settings.train_epochs_frozen, lr,
+                                cbs=[monitor, best, EarlyStoppingCallback(monitor="valid_loss", patience=patience)])
+        if settings.train_epochs_unfrozen:
+            learn.unfreeze()
+            hi = lr / UNFROZEN_LR_DIVISOR
+            monitor.phase = "unfrozen"
+            if progress:
+                progress("stage", {"name": "unfrozen",
+                                   "detail": f"{settings.train_epochs_unfrozen} epoch(s) at slice({hi / LR_MULT:.1e}, {hi:.1e})"})
+            learn.fit_one_cycle(settings.train_epochs_unfrozen, slice(hi / LR_MULT, hi),
+                                cbs=[monitor, best, EarlyStoppingCallback(monitor="valid_loss", patience=patience)])
+    if device.type == "cuda":
+        learn = learn.to_fp32()  # the artifact must load anywhere, CPU included
+    export_path = workdir / "export.pkl"
+    learn.export(export_path)
+    return TrainingRun(learn=learn, export_path=export_path, lr=lr, lr_find=curve, epochs=epochs,
+                       batch_losses=batch_losses, seconds=time.monotonic() - started, device=device.type)

@@ -1,0 +1,167 @@
+"""Retraining as a service: export → train → evaluate → report → register → gate.
+
+``retrain()`` is the one entry point (``stilltag train --now`` calls it directly, the
+``stilltag.retrain`` task through ``retrain_from_task``); ``run_training_worker`` runs the Celery
+worker that consumes the ``training`` queue and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from shared import registry
+from shared.config import Settings, get_settings
+from shared.constants import TRAINING_QUEUE
+from shared.db import transaction
+from shared.registry import ModelVersion
+from shared.runtime import Runtime
+from training.lock import RetrainBusy, retrain_lock
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, dict], None]
+"""``progress(event, fields)``. Events: ``stage`` {name, detail}; ``epoch_start`` {phase, epoch,
+n_epochs, n_batches}; ``batch`` {phase, epoch, batch, n_batches, loss}; ``epoch`` {phase, epoch,
+train_loss, valid_loss, accuracy_multi, f2, seconds}; ``done`` {version, status, reason, f2}."""
+
+# Settings a retrain request may change (``stilltag train --arch ...`` or the task's kwargs).
+OVERRIDABLE_PREFIX = "train_"
+
+_worker_settings: Settings | None = None  # set by run_training_worker for the tasks it runs
+
+
+def with_overrides(settings: Settings, overrides: dict | None) -> Settings:
+    """``settings`` with ``train_*`` fields replaced, validated like the environment is.
+
+    Raises:
+        ValueError: an option that is not a ``train_*`` setting, or a value it refuses.
+    """
+    if not overrides:
+        return settings
+    unknown = sorted(k for k in overrides if not k.startswith(OVERRIDABLE_PREFIX) or k not in Settings.model_fields)
+    if unknown:
+        allowed = ", ".join(sorted(k for k in Settings.model_fields if k.startswith(OVERRIDABLE_PREFIX)))
+        raise ValueError(f"unknown retrain option(s) {', '.join(unknown)}; allowed: {allowed}")
+    return type(settings)(**{**settings.model_dump(), **overrides})
+
+
+def _emit(progress: Progress | None, event: str, **fields) -> None:
+    if progress is not None:
+        progress(event, fields)
+
+
+def retrain(source: Settings | Runtime, progress: Progress | None = None) -> ModelVersion:
+    """Train a model from the website's tags, register it and put it through the gate.
+
+    Args:
+        source: settings (a runtime is made and closed here) or a runtime to use.
+        progress: called with progress events (see ``Progress``), e.g. to draw progress bars.
+
+    Returns:
+        The registered version, as the gate left it (champion or candidate with a reason).
+
+    Raises:
+        RetrainBusy: another retrain is running.
+        DatasetError: the query gives too little data.
+    """
+    from training import recipe
+    from training.dataset import export_dataset
+    from training.evaluate import evaluate
+    from training.gate import apply as apply_gate
+    from training.report import write_report
+
+    rt = source if isinstance(source, Runtime) else Runtime(source)
+    settings = rt.settings
+    try:
+        with retrain_lock(settings):
+            _emit(progress, "stage", name="dataset", detail="running STILLTAG_DATASET_QUERY")
+            with rt.sessions() as session:
+                dataset = export_dataset(session=session, settings=settings)
+            log.info("dataset: %d images (%d train, %d valid, %d holdout), %d tags, %d rare tags left out",
+                     dataset.size, len(dataset.train), len(dataset.valid), len(dataset.holdout),
+                     len(dataset.vocab), len(dataset.dropped_tags))
+            _emit(progress, "stage", name="dataset",
+                  detail=f"{dataset.size} images, {len(dataset.vocab)} tags, holdout {len(dataset.holdout)}")
+            with tempfile.TemporaryDirectory(prefix="stilltag-train-") as tmp:
+                run = recipe.train(dataset, settings, workdir=Path(tmp) / "work", progress=progress)
+                _emit(progress, "stage", name="evaluate", detail=f"{len(dataset.holdout)} holdout images")
+                evaluation = evaluate(run.learn, dataset.holdout, threshold=settings.threshold)
+                log.info("holdout F2 %.4f at threshold %g on %d images", evaluation.f2, settings.threshold,
+                         evaluation.n_images)
+                summary = {
+                    "arch": settings.train_arch, "pretrained": settings.train_pretrained,
+                    "image_size": settings.train_image_size, "device": run.device,
+                    "holdout_f2": round(evaluation.f2, 4), "holdout_accuracy_multi": round(evaluation.accuracy, 4),
+                    "threshold": settings.threshold, "lr": f"{run.lr:.3e}",
+                    "images": dataset.size, "train / valid / holdout":
+                        f"{len(dataset.train)} / {len(dataset.valid)} / {len(dataset.holdout)}",
+                    "tags": len(dataset.vocab), "rare tags left out": len(dataset.dropped_tags),
+                    "images without a kept tag": dataset.dropped_images,
+                    "snapshot_at": dataset.snapshot_at.isoformat(timespec="seconds"),
+                    "training time (s)": round(run.seconds, 1),
+                }
+                files = write_report(Path(tmp) / "report", summary=summary, evaluation=evaluation,
+                                     epochs=run.epochs, batch_losses=run.batch_losses, lr_find=run.lr_find, lr=run.lr)
+                metrics = {
+                    **evaluation.metrics(), "lr": run.lr, "epochs": run.epochs, "train_seconds": round(run.seconds, 1),
+                    "train_size": len(dataset.train), "valid_size": len(dataset.valid), "device": run.device,
+                    "image_size": settings.train_image_size, "pretrained": settings.train_pretrained,
+                    "dropped_tags": dataset.dropped_tags,
+                }
+                _emit(progress, "stage", name="register", detail=str(settings.model_store))
+                with transaction(rt.sessions) as session:
+                    record = registry.register(
+                        session=session, store=rt.model_store, artifact=run.export_path, arch=settings.train_arch,
+                        vocab=list(run.learn.dls.vocab), metrics=metrics, dataset_size=dataset.size,
+                        snapshot_at=dataset.snapshot_at, extra_files=files,
+                    )
+                    record, decision = apply_gate(session=session, record=record, tolerance=settings.gate_tolerance)
+            log.info("registered %s as %s: %s", record.version, record.status, decision.reason)
+            _emit(progress, "done", version=record.version, status=record.status, reason=record.reason,
+                  f2=evaluation.f2)
+            return record
+    finally:
+        if rt is not source:
+            rt.close()
+
+
+def _log_progress(event: str, fields: dict) -> None:
+    if event == "stage":
+        log.info("retrain: %s — %s", fields.get("name"), fields.get("detail", ""))
+
+
+def retrain_from_task(**options) -> str:
+    """The ``stilltag.retrain`` task's body. ``options`` are ``train_*`` settings to override.
+
+    A retrain refused by the lock is skipped (logged, not retried): the running one is as fresh.
+    """
+    settings = with_overrides(_worker_settings or get_settings(), options)
+    try:
+        record = retrain(settings, progress=_log_progress)
+    except RetrainBusy as exc:
+        log.warning("retrain skipped: %s", exc)
+        return f"skipped: {exc}"
+    return f"{record.version} {record.status}: {record.reason}"
+
+
+def run_training_worker(settings: Settings, loglevel: str = "INFO") -> int:
+    """Run a Celery worker that consumes only the ``training`` queue, one task at a time.
+
+    The solo pool runs the retrain in this process (no fork after CUDA starts); a second
+    training worker would only wait on the lock, so one per deployment is enough.
+    """
+    global _worker_settings
+    from shared.celery_app import create_app
+
+    _worker_settings = settings
+    app = create_app(settings)
+    worker = app.Worker(
+        pool="solo", concurrency=1, queues=[TRAINING_QUEUE], loglevel=loglevel,
+        hostname=f"training.{os.getpid()}@%h", without_mingle=True, without_gossip=True,
+    )
+    worker.start()
+    return worker.exitcode or 0
