@@ -111,6 +111,26 @@ class Settings(BaseSettings):
             raise ValueError("STILLTAG_IMAGE_URL must contain {image_id}, e.g. s3://stills/{image_id}.jpg")
         return value
 
+    @field_validator("retrain_schedule")
+    @classmethod
+    def _schedule_is_cron(cls, value: str) -> str:
+        # Every process builds the beat schedule from this (shared/celery_app.py): refuse a bad one here.
+        from celery.schedules import crontab
+
+        fields = value.split()
+        if len(fields) != 5:
+            raise ValueError(
+                "STILLTAG_RETRAIN_SCHEDULE must be five cron fields (minute hour day-of-month month "
+                f"day-of-week), e.g. '0 3 1 * *' for 03:00 on the 1st of each month; got {value!r}"
+            )
+        try:
+            minute, hour, day_of_month, month_of_year, day_of_week = fields
+            crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                    day_of_week=day_of_week)
+        except ValueError as exc:
+            raise ValueError(f"STILLTAG_RETRAIN_SCHEDULE {value!r} is not a valid cron schedule: {exc}") from None
+        return value
+
     @field_validator("device")
     @classmethod
     def _device_known(cls, value: str) -> str:
