@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-console = Console()
+console = Console(soft_wrap=True)  # long paths (the report) stay whole, copy-pasteable
 
 
 def _overrides(arch: str, image_size: Optional[int], epochs_frozen: Optional[int], epochs_unfrozen: Optional[int],

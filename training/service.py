@@ -158,6 +158,9 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO") -> int:
     from shared.celery_app import create_app
 
     _worker_settings = settings
+    if not logging.getLogger().handlers:  # run outside the CLI (which configures logging itself)
+        logging.basicConfig(level=loglevel.upper(),
+                            format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     app = create_app(settings)
     worker = app.Worker(
         pool="solo", concurrency=1, queues=[TRAINING_QUEUE], loglevel=loglevel,
