@@ -149,7 +149,7 @@ def main() -> None:
     try:
         app()
     except ValueError as exc:  # settings and registry errors carry a message meant for the user
-        console.print(f"[red]error:[/red] {exc}")
+        typer.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from None
 
 

@@ -72,7 +72,7 @@ class Settings(BaseSettings):
 
     # --- delivery ---------------------------------------------------------------------
     visibility_timeout_s: int = Field(
-        default=300,
+        default=120,
         ge=1,
         description="An unacknowledged message is handed out again after this long (Redis broker).",
     )

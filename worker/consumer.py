@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from kombu import Connection, Queue
 
-from shared.broker import park, transport_class, transport_options
+from shared.broker import AtomicRedisTransport, park, transport_class, transport_options
 from shared.constants import TAGGING_QUEUES
 from shared.messages import BadMessage, parse_tag_request
 from worker.service import Tagger
@@ -136,7 +136,8 @@ class BatchConsumer:
         return max(0.001, self.batch.first_at + self.max_wait_s - time.monotonic())
 
     def _connection(self) -> Connection:
-        transport = transport_class(self.settings)
+        redis_broker = self.settings.broker_scheme in ("redis", "rediss")
+        transport = AtomicRedisTransport if redis_broker else transport_class(self.settings)
         options = transport_options(self.settings)
         if self.settings.broker_scheme == "filesystem":
             options["polling_interval"] = 0.01

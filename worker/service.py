@@ -49,6 +49,7 @@ class Tagger:
         self.device = resolve_device(settings.device)
         self.model: TaggingModel | None = None
         self._last_poll = 0.0
+        self._failed_version: str | None = None  # a champion that would not load is not retried
         workers = settings.fetch_concurrency + (settings.decode_workers or os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
 
@@ -94,7 +95,7 @@ class Tagger:
         except Exception:
             log.exception("could not read the champion from the database; keeping %s", self.model and self.model.version)
             return
-        if version is None or (self.model is not None and version == self.model.version):
+        if version is None or version == self._failed_version or (self.model and version == self.model.version):
             return
         old = self.model.version if self.model else None
         try:
@@ -102,7 +103,7 @@ class Tagger:
             log.info("switched model %s → %s", old, version)
         except Exception as exc:
             log.error("new champion %s failed to load, keeping %s: %s", version, old, exc)
-            self._last_poll = now  # retry after the next poll interval, not every batch
+            self._failed_version = version
 
     # --- stages ---------------------------------------------------------------------------
     def prepare(self, image_id: int, prep: Preprocessing) -> Prepared:

@@ -52,6 +52,8 @@ class WorkerProcess:
         raise AssertionError(f"worker not ready after {timeout_s} s:\n{self.log()[-4000:]}")
 
     def stop(self, timeout_s: float = 60) -> int:
+        if self._log.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -65,6 +67,7 @@ class WorkerProcess:
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+        self._log.close()
 
 
 @dataclass
@@ -122,7 +125,7 @@ class Stack:
                 return got
             if time.monotonic() > deadline:
                 logs = "\n".join(w.log()[-3000:] for w in self.workers)
-                raise AssertionError(f"not tagged after {timeout_s} s: {sorted(wanted - set(got))}\n{logs}")
+                raise AssertionError(f"not tagged after {timeout_s} s: {sorted(wanted - set(got))}\n{logs[-6000:]}")
             time.sleep(0.1)
 
     def close(self) -> None:
