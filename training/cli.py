@@ -112,7 +112,11 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
         with_overrides(settings, overrides)  # refuse bad options here, not in the worker's log
         from shared.celery_app import create_app
 
-        result = create_app(settings).send_task(RETRAIN_TASK, kwargs=overrides, queue=TRAINING_QUEUE)
+        celery = create_app(settings)
+        try:
+            result = celery.send_task(RETRAIN_TASK, kwargs=overrides, queue=TRAINING_QUEUE)
+        finally:
+            celery.close()
         console.print(f"enqueued retrain {result.id} on {TRAINING_QUEUE!r}; a training worker "
                       "(`stilltag worker --queues training`) runs it; `stilltag models list` shows the result")
 

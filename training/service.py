@@ -155,6 +155,8 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO") -> int:
     training worker would only wait on the lock, so one per deployment is enough.
     """
     global _worker_settings
+    from celery.utils.nodenames import host_format
+
     from shared.celery_app import create_app
 
     _worker_settings = settings
@@ -164,7 +166,7 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO") -> int:
     app = create_app(settings)
     worker = app.Worker(
         pool="solo", concurrency=1, queues=[TRAINING_QUEUE], loglevel=loglevel,
-        hostname=f"training.{os.getpid()}@%h", without_mingle=True, without_gossip=True,
+        hostname=host_format(f"training.{os.getpid()}@%h"), without_mingle=True, without_gossip=True,
     )
     worker.start()
     return worker.exitcode or 0

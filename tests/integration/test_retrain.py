@@ -1,0 +1,284 @@
+"""Retraining for real: generated pictures, a small CPU training run, the registry, the gate, the
+CLI, the ``training`` queue on real Redis consumed by a real training worker process, and the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from demo.synthetic import VOCAB, make_pictures
+from shared import registry
+from shared.config import get_settings
+from shared.constants import RETRAIN_LOCK_KEY, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
+from shared.db import image_tags, model_versions, transaction
+from shared.migrate import upgrade
+from shared.registry import sha256_file
+from shared.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+N_IMAGES = 120
+SMALL_RUN = {  # a CI-sized run: resnet18 from scratch at 64 px, one epoch per phase
+    "train_arch": "resnet18", "train_pretrained": False, "train_image_size": 64, "train_batch_size": 16,
+    "train_epochs_frozen": 1, "train_epochs_unfrozen": 1, "holdout_pct": 20, "train_min_tag_images": 3,
+}
+REPORT_FILES = ["index.html", "metrics.png", "lr_find.png", "losses.png", "per_tag.png", "history.json"]
+WORKER_WAIT_S = 240
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def seed_website(settings, n: int = N_IMAGES) -> None:
+    """The website's state: the schema, the pictures in the image store, their tags in image_tags."""
+    upgrade(settings.database_url)
+    rt = Runtime(settings)
+    try:
+        rows = []
+        for pic in make_pictures(range(1, n + 1), size=(64, 64)):
+            rt.images.put(pic.image_id, pic.jpeg())
+            rows += [{"image_id": pic.image_id, "tag": t} for t in pic.tags]
+        with transaction(rt.sessions) as session:
+            session.execute(sa.insert(image_tags), rows)
+    finally:
+        rt.close()
+
+
+def env_for(settings) -> dict[str, str]:
+    names = ["data_dir", "database_url", "broker_url", *SMALL_RUN]
+    return {f"STILLTAG_{n.upper()}": str(getattr(settings, n)) for n in names}
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    """``cli(settings, *args)``: run ``stilltag ARGS`` in-process with ``settings`` as its environment."""
+    from shared.cli import app
+
+    def run(settings, *args):
+        for name, value in env_for(settings).items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        try:
+            return CliRunner().invoke(app, list(args), catch_exceptions=False)
+        finally:
+            get_settings.cache_clear()
+
+    yield run
+    get_settings.cache_clear()
+
+
+def record(settings, version: str):
+    rt = Runtime(settings)
+    try:
+        with rt.sessions() as session:
+            return registry.get_version(session=session, version=version)
+    finally:
+        rt.close()
+
+
+def versions(settings) -> list[str]:
+    rt = Runtime(settings)
+    try:
+        with rt.sessions() as session:
+            return [v.version for v in registry.list_versions(session=session)]
+    finally:
+        rt.close()
+
+
+def check_trained_version(settings, version: str) -> None:
+    """The registry record and the store hold everything the issue lists."""
+    v = record(settings, version)
+    store = Runtime(settings).model_store
+    assert v.sha256 == sha256_file(Path(store.location(f"{version}/export.pkl")))
+    assert v.arch == "resnet18"
+    assert v.vocab == sorted(VOCAB)
+    assert v.dataset_size == N_IMAGES and v.snapshot_at is not None
+    assert 0.0 <= v.metrics["f2"] <= 1.0 and v.metrics["threshold"] == 0.2
+    assert set(v.metrics["per_tag"]) == set(VOCAB)
+    assert {"precision", "recall", "f2", "support"} <= set(v.metrics["per_tag"]["circle"])
+    assert [e["phase"] for e in v.metrics["epochs"]] == ["frozen", "unfrozen"]
+    for name in REPORT_FILES:
+        path = Path(store.location(f"{version}/report/{name}"))
+        assert path.is_file() and path.stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def check_learner_loads(settings, version: str) -> None:
+    """The artifact is what the tagging worker loads: sha-checked, unpickled, Normalize inside."""
+    from fastai.learner import load_learner
+    from fastai.vision.all import Normalize, PILImage
+
+    rt = Runtime(settings)
+    try:
+        with rt.sessions() as session:
+            path = registry.fetch_artifact(store=rt.model_store, cache_dir=rt.model_cache_dir,
+                                           record=registry.get_version(session=session, version=version))
+    finally:
+        rt.close()
+    with warnings.catch_warnings():
+        # fetch_artifact has checked the sha256 against the registry: this pickle is ours.
+        warnings.filterwarnings("ignore", "load_learner` uses Python's insecure pickle", UserWarning)
+        learn = load_learner(path, cpu=True)
+    assert list(learn.dls.vocab) == sorted(VOCAB)
+    assert any(isinstance(t, Normalize) for t in learn.dls.after_batch)
+    pic = make_pictures([9999], size=(64, 64))[0]
+    probs, _ = learn.get_preds(dl=learn.dls.test_dl([PILImage.create(pic.jpeg())]))
+    assert probs.shape == (1, len(VOCAB))
+
+
+def start_training_worker(settings, log_path: Path) -> subprocess.Popen:
+    code = ("from shared.config import load_settings; from training.service import run_training_worker; "
+            "raise SystemExit(run_training_worker(load_settings(), 'INFO'))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings)
+    with log_path.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stilltag(settings, *args) -> subprocess.CompletedProcess:
+    """``stilltag ARGS`` in its own process, as an admin runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings)
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(predicate, timeout_s: float, what: str, log_path: Path | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    log = log_path.read_text(errors="replace")[-4000:] if log_path and log_path.exists() else ""
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{log}")
+
+
+@pytest.mark.timeout(900)  # two training runs; on a busy 2-core machine each can take minutes
+def test_retrain_queue_gate_promote_rollback(make_settings, pg_url, redis_url, cli, tmp_path):
+    import redis
+
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, **SMALL_RUN)
+    seed_website(settings)
+
+    # 1. `stilltag train --now`: the first model becomes champion.
+    result = cli(settings, "train", "--now")
+    assert result.exit_code == 0, result.output
+    assert "v1 — champion" in result.output and "first model" in result.output
+    assert "report/index.html" in result.output
+    check_trained_version(settings, "v1")
+    check_learner_loads(settings, "v1")
+    show = cli(settings, "models", "show", "v1")
+    assert show.exit_code == 0 and "holdout:  F2" in show.output and "report/index.html" in show.output
+
+    # 2. A better champion on record: the next model must not replace it.
+    rt = Runtime(settings)
+    v1 = record(settings, "v1")
+    with transaction(rt.sessions) as session:
+        session.execute(sa.update(model_versions).where(model_versions.c.version == "v1")
+                        .values(metrics={**v1.metrics, "f2": 1.0}))
+    rt.close()
+
+    # 3. `stilltag train` enqueues on `training`; a tagging message waits on `tagging` beside it.
+    client = redis.Redis.from_url(redis_url)
+    result = cli(settings, "train", "--epochs-unfrozen", "1")
+    assert result.exit_code == 0 and "enqueued retrain" in result.output, result.output
+    assert client.llen(TRAINING_QUEUE) == 1
+    from shared.celery_app import create_app
+
+    celery = create_app(settings)
+    celery.send_task(TAG_TASK, args=[1], queue=TAGGING_QUEUE)
+    celery.close()
+    assert client.llen(TAGGING_QUEUE) == 1
+
+    log_path = tmp_path / "training-worker.log"
+    worker = start_training_worker(settings, log_path)
+    try:
+        # 4. While the worker trains, a second retrain is refused with a clear message.
+        wait_for(lambda: client.exists(RETRAIN_LOCK_KEY), WORKER_WAIT_S, "the worker to take the retrain lock", log_path)
+        refused = cli(settings, "train", "--now")
+        assert refused.exit_code == 1 and "another retrain is running" in refused.output, refused.output
+        wait_for(lambda: "v2" in versions(settings) and not client.exists(RETRAIN_LOCK_KEY), WORKER_WAIT_S,
+                 "the worker to register v2", log_path)
+    finally:
+        stop(worker)
+    log = log_path.read_text(errors="replace")
+    assert "registered v2 as candidate" in log, log[-4000:]
+    assert "training." in log and "@%h" not in log  # a node name per process, host expanded
+    assert client.llen(TAGGING_QUEUE) == 1, "the training worker must never consume the tagging queue"
+    assert client.llen(TRAINING_QUEUE) == 0
+    client.close()
+
+    v2 = record(settings, "v2")
+    assert v2.status == "candidate" and v2.reason.startswith("stays candidate") and "v1 1.0000" in v2.reason
+    check_trained_version(settings, "v2")
+
+    # 5. An admin overrides the gate, then rolls back.
+    promoted = stilltag(settings, "models", "promote", "v2")
+    assert promoted.returncode == 0 and "v2 is the champion" in promoted.stdout, promoted.stderr
+    assert record(settings, "v2").status == "champion" and record(settings, "v1").status == "retired"
+    rolled = stilltag(settings, "models", "rollback")
+    assert rolled.returncode == 0 and "v1 is the champion again" in rolled.stdout, rolled.stderr
+    assert record(settings, "v1").status == "champion" and record(settings, "v2").status == "rolled_back"
+    listing = stilltag(settings, "models", "list").stdout
+    assert "v1" in listing and "v2" in listing
+
+
+@pytest.mark.timeout(600)
+def test_retrain_with_no_server(make_settings, cli):
+    """The embedded default: SQLite, local folders, the file-system broker and a file lock."""
+    settings = make_settings(**{**SMALL_RUN, "train_epochs_frozen": 0})
+    seed_website(settings)
+    result = cli(settings, "train", "--now", "--epochs-frozen", "0")
+    assert result.exit_code == 0, result.output
+    v1 = record(settings, "v1")
+    assert v1.status == "champion" and [e["phase"] for e in v1.metrics["epochs"]] == ["unfrozen"]
+    assert Path(Runtime(settings).model_store.location("v1/report/index.html")).is_file()
+
+
+def test_a_retrain_while_another_holds_the_redis_lock_is_skipped(make_settings, redis_url, cli):
+    import redis
+
+    from training import service
+    from training.lock import RetrainBusy, redis_lock
+
+    settings = make_settings(broker_url=redis_url, **SMALL_RUN)
+    client = redis.Redis.from_url(redis_url)
+    with redis_lock(redis_url) as holder:
+        assert client.get(RETRAIN_LOCK_KEY).decode() == holder
+        assert 0 < client.ttl(RETRAIN_LOCK_KEY) <= 600  # a dead holder's lock expires
+        with pytest.raises(RetrainBusy, match=f"another retrain is running \\({holder}"):
+            service.retrain(settings)
+        service._worker_settings = settings
+        try:
+            assert service.retrain_from_task().startswith("skipped: another retrain is running")
+        finally:
+            service._worker_settings = None
+        refused = cli(settings, "train", "--now")
+        assert refused.exit_code == 1 and "not started" in refused.output
+    assert not client.exists(RETRAIN_LOCK_KEY)
+    client.close()
+
+
+def test_unknown_retrain_options_are_refused(make_settings):
+    from training.service import with_overrides
+
+    with pytest.raises(ValueError, match="unknown retrain option.*database_url"):
+        with_overrides(make_settings(), {"database_url": "sqlite://"})
+    assert with_overrides(make_settings(), {"train_arch": "resnet34"}).train_arch == "resnet34"
