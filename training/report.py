@@ -20,6 +20,7 @@ PLOTS = {
     "losses.png": "Loss curves",
     "per_tag.png": "Per-tag precision, recall and F2 on the holdout",
 }
+LOG_SCALE_RATIO = 20  # per-epoch losses spanning more than this use a log axis
 TAG_ROW_IN = 0.22  # inches of figure height per tag in the per-tag chart
 
 
@@ -74,6 +75,9 @@ def plot_losses(batch_losses: list[dict], epochs: list[dict], path: Path) -> Non
     right.plot(x, [e.get("train_loss") for e in epochs], marker="o", label="train")
     right.plot(x, [e.get("valid_loss") for e in epochs], marker="o", label="valid")
     _mark_unfreeze(right, epochs)
+    losses = [v for e in epochs for v in (e.get("train_loss"), e.get("valid_loss")) if v]
+    if losses and min(losses) > 0 and max(losses) / min(losses) > LOG_SCALE_RATIO:
+        right.set_yscale("log")  # an early epoch of a model trained from scratch can be off the chart
     right.set(xlabel="epoch", ylabel="loss", title="per epoch")
     right.legend()
     fig.savefig(path)
@@ -93,7 +97,7 @@ def plot_per_tag(evaluation: Evaluation, path: Path) -> None:
     ax.set_yticks(y, [f"{s.tag} ({s.support})" for s in scores])
     ax.set(xlim=(0, 1), xlabel=f"score at threshold {evaluation.threshold:g}",
            title="Per tag on the holdout (support in brackets)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
     fig.savefig(path)
 
 
