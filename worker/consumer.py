@@ -74,6 +74,7 @@ class BatchConsumer:
         self.batch = Batch()
         self.max_wait_s = self.settings.max_wait_ms / 1000
         self._next_restore = 0.0
+        self._next_idle_check = 0.0
 
     # --- main thread ------------------------------------------------------------------------
     def on_message(self, message) -> None:
@@ -130,6 +131,18 @@ class BatchConsumer:
             except Exception:
                 log.exception("could not return expired unacknowledged messages")
 
+    def _maybe_idle_check(self) -> None:
+        """With nothing to tag, still let the inference thread follow the champion, so the first
+        image after a promotion does not wait for the new model to load."""
+        now = time.monotonic()
+        if self.batch.messages or now < self._next_idle_check:
+            return
+        self._next_idle_check = now + self.settings.model_poll_s
+        try:
+            self.ready.put_nowait(Batch())
+        except queue.Full:  # busy: it checks between batches anyway
+            pass
+
     def _wait_s(self) -> float:
         if not self.batch.messages:
             return IDLE_POLL_S
@@ -162,6 +175,7 @@ class BatchConsumer:
                         pass
                     if self._batch_due():
                         self._dispatch()
+                    self._maybe_idle_check()
                 # Graceful stop: what is already gathered (and decoded) is finished and acked.
                 if self.batch.messages:
                     self._dispatch()
@@ -197,6 +211,9 @@ class BatchConsumer:
             batch = self.ready.get()
             if batch is None:
                 return
+            if not batch.messages:  # an idle tick from the main thread
+                self.tagger.maybe_switch()
+                continue
             try:
                 self.tagger.maybe_switch()
                 t0 = time.perf_counter()

@@ -10,7 +10,7 @@ from demo.synthetic import make_picture
 from tests.e2e.conftest import build_stack
 from tests.envelopes import tag_envelope
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # worker start-up on a busy 2-core machine
 
 VISIBILITY_TIMEOUT_S = 5
 RESTORE_INTERVAL_S = 0.5

@@ -11,7 +11,7 @@ from shared.constants import PARKED_KEY, TAGGED_CHANNEL
 from tests.envelopes import broken_envelopes, lpush, tag_envelope
 from tests.images import encode, png_bomb
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # worker start-up on a busy 2-core machine
 
 
 def _wait_until_idle(client, timeout_s: float = 60) -> None:
