@@ -11,7 +11,7 @@ def train_tiny_learner(workdir: Path, *, n_images: int = 64, size: int = 64, epo
     """Train a tiny multi-label learner the way the seed project did and ``export()`` it."""
     import pandas as pd
     from fastai.vision.all import (
-        ColReader, DataBlock, ImageBlock, MultiCategoryBlock, Normalize, RandomSplitter, Resize,
+        ColReader, DataBlock, ImageBlock, MultiCategoryBlock, Normalize, RandomSplitter, Resize, aug_transforms,
         imagenet_stats, resnet18, vision_learner,
     )
 
@@ -28,7 +28,7 @@ def train_tiny_learner(workdir: Path, *, n_images: int = 64, size: int = 64, epo
         get_y=ColReader("tags", label_delim=" "),
         splitter=RandomSplitter(valid_pct=0.25, seed=seed),
         item_tfms=Resize(size, method="squish"),
-        batch_tfms=Normalize.from_stats(*imagenet_stats),
+        batch_tfms=[*aug_transforms(), Normalize.from_stats(*imagenet_stats)],  # as training/recipe.py
     )
     dls = block.dataloaders(pd.DataFrame(rows), bs=16, num_workers=0)
     learn = vision_learner(dls, resnet18, pretrained=False)

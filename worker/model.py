@@ -62,7 +62,7 @@ def describe_learner(path: Path) -> LearnerInfo:
 
 def preprocessing_of(learn) -> tuple[Preprocessing, tuple[list[float], list[float]] | None, float]:
     """The learner's validation pipeline: resize, and (mean, std) and divisor of its batch transforms."""
-    from fastai.vision.augment import Resize, ResizeMethod
+    from fastai.vision.augment import AffineCoordTfm, Resize, ResizeMethod
     from fastai.data.transforms import IntToFloatTensor, Normalize
     from fastai.vision.core import ToTensor
 
@@ -80,8 +80,10 @@ def preprocessing_of(learn) -> tuple[Preprocessing, tuple[list[float], list[floa
         raise ValueError("the learner has no Resize item transform, so images would reach it at any size")
     stats, div = None, 1.0
     for tfm in learn.dls.after_batch.fs:
-        if getattr(tfm, "split_idx", None) == 0:  # training-only augmentation
+        if getattr(tfm, "split_idx", None) == 0:  # training-only augmentation (lighting)
             continue
+        if isinstance(tfm, AffineCoordTfm) and getattr(tfm, "size", None) is None:
+            continue  # aug_transforms' flips/rotations/zooms: the identity at validation
         if isinstance(tfm, IntToFloatTensor):
             div = float(tfm.div)
         elif isinstance(tfm, Normalize):
