@@ -7,6 +7,7 @@ their own packages (``worker/cli.py``, ``training/cli.py``, ``demo/cli.py``).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -25,10 +26,16 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 
+@contextmanager
 def runtime():
+    """The command's resources, closed when it ends (no connection left behind)."""
     from shared.runtime import Runtime
 
-    return Runtime(get_settings())
+    rt = Runtime(get_settings())
+    try:
+        yield rt
+    finally:
+        rt.close()
 
 
 @app.callback()
@@ -37,6 +44,7 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug l
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
     )
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 @db_app.command("upgrade")
@@ -77,9 +85,8 @@ def models_register(
     from shared.db import transaction
     from worker.model import describe_learner
 
-    rt = runtime()
     info = describe_learner(path)  # the file is the admin's own: reading its vocabulary is safe here
-    with transaction(rt.sessions) as session:
+    with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.register(
             session=session, store=rt.model_store, artifact=path, arch=arch or info.arch, vocab=info.vocab
         )
@@ -94,8 +101,7 @@ def models_list() -> None:
     """Every model version, newest last."""
     from shared import registry
 
-    rt = runtime()
-    with rt.sessions() as session:
+    with runtime() as rt, rt.sessions() as session:
         versions = registry.list_versions(session=session)
     table = Table("version", "status", "arch", "tags", "F2", "dataset", "created", "reason")
     for v in versions:
@@ -113,7 +119,7 @@ def models_promote(version: str) -> None:
     from shared import registry
     from shared.db import transaction
 
-    with transaction(runtime().sessions) as session:
+    with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.promote(session=session, version=version, reason="promoted by an admin")
     console.print(f"{record.version} is the champion")
 
@@ -124,7 +130,7 @@ def models_rollback() -> None:
     from shared import registry
     from shared.db import transaction
 
-    with transaction(runtime().sessions) as session:
+    with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.rollback(session=session)
     console.print(f"rolled back: {record.version} is the champion again")
 
