@@ -85,21 +85,9 @@ def _champion(rt: Runtime, settings: Settings, console: Console, progress: Progr
         return existing.version
     from training.service import retrain, with_overrides
 
-    stage = progress.add_task("retraining", total=None)
-    batches = progress.add_task("batches", total=None, visible=False)
+    from training.cli import progress_bars
 
-    def on_progress(event: str, fields: dict) -> None:
-        if event == "stage":
-            progress.update(stage, description=f"retrain: {fields['name']} {fields.get('detail', '')}")
-        elif event == "epoch_start":
-            progress.reset(batches, total=fields["n_batches"], visible=True,
-                           description=f"  {fields['phase']} epoch {fields['epoch']}/{fields['n_epochs']}")
-        elif event == "batch":
-            progress.update(batches, completed=fields["batch"])
-        elif event == "epoch":
-            progress.console.print(f"  epoch {fields['epoch']} ({fields['phase']}): valid loss "
-                                   f"{fields['valid_loss']:.4f}, F2 {fields.get('f2', float('nan')):.4f}")
-
+    on_progress, stage, batches = progress_bars(progress)
     record = retrain(with_overrides(settings, DEMO_TRAINING), progress=on_progress)
     progress.update(stage, total=1, completed=1, description=f"retrained: {record.version} is {record.status}")
     progress.update(batches, visible=False)

@@ -17,6 +17,31 @@ def _overrides(arch: str, image_size: Optional[int], epochs_frozen: Optional[int
     return {k: v for k, v in given.items() if v is not None}
 
 
+def progress_bars(bars):
+    """A retrain ``progress`` callback drawing on rich ``bars``: a stage line and a batch bar.
+
+    Returns:
+        ``(callback, stage_task, batch_task)``.
+    """
+    stage = bars.add_task("starting", total=None)
+    batches = bars.add_task("batches", total=None, visible=False)
+
+    def on_progress(event: str, fields: dict) -> None:
+        if event == "stage":
+            bars.update(stage, description=f"[bold]{fields['name']}[/bold] {fields.get('detail', '')}")
+        elif event == "epoch_start":
+            bars.reset(batches, total=fields["n_batches"], visible=True,
+                       description=f"{fields['phase']} epoch {fields['epoch']}/{fields['n_epochs']}")
+        elif event == "batch":
+            bars.update(batches, completed=fields["batch"],
+                        description=f"{fields['phase']} epoch {fields['epoch']} loss {fields['loss']:.4f}")
+        elif event == "epoch":
+            values = "  ".join(f"{k} {v:.4f}" for k, v in fields.items() if isinstance(v, float) and k != "seconds")
+            bars.console.print(f"epoch {fields['epoch']} ({fields['phase']}, {fields['seconds']:.0f}s): {values}")
+
+    return on_progress, stage, batches
+
+
 def train_now(settings, overrides: dict) -> None:
     """Run a retrain in this process with live progress bars."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -27,22 +52,7 @@ def train_now(settings, overrides: dict) -> None:
     settings = with_overrides(settings, overrides)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bars:
-        stage = bars.add_task("starting", total=None)
-        batches = bars.add_task("batches", total=None, visible=False)
-
-        def on_progress(event: str, fields: dict) -> None:
-            if event == "stage":
-                bars.update(stage, description=f"[bold]{fields['name']}[/bold] {fields.get('detail', '')}")
-            elif event == "epoch_start":
-                bars.reset(batches, total=fields["n_batches"], visible=True,
-                           description=f"{fields['phase']} epoch {fields['epoch']}/{fields['n_epochs']}")
-            elif event == "batch":
-                bars.update(batches, completed=fields["batch"],
-                            description=f"{fields['phase']} epoch {fields['epoch']} loss {fields['loss']:.4f}")
-            elif event == "epoch":
-                values = "  ".join(f"{k} {v:.4f}" for k, v in fields.items() if isinstance(v, float) and k != "seconds")
-                bars.console.print(f"epoch {fields['epoch']} ({fields['phase']}, {fields['seconds']:.0f}s): {values}")
-
+        on_progress, stage, batches = progress_bars(bars)
         try:
             record = retrain(settings, progress=on_progress)
         except RetrainBusy as exc:
