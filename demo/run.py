@@ -38,8 +38,11 @@ DEMO_TRAINING = {
     "train_pretrained": False,
     "train_image_size": 64,
     "train_batch_size": 32,
-    "train_epochs_frozen": 1,
-    "train_epochs_unfrozen": 6,
+    # Without pretrained weights nothing is frozen, so the first cycle trains the whole network at
+    # the full rate; lr_find's conservative pick is too low for a network learning from scratch.
+    "train_lr": 5e-3,
+    "train_epochs_frozen": 8,
+    "train_epochs_unfrozen": 1,
     "train_patience": 3,
     "train_min_tag_images": 5,
 }

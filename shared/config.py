@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     train_pretrained: bool = Field(default=True, description="Start from ImageNet weights (needs a download).")
     train_image_size: int = Field(default=224, ge=16, description="Square input size of the model.")
     train_batch_size: int = Field(default=64, ge=1)
+    train_lr: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Learning rate; 0 lets lr_find pick it (its curve is in the report either way)."
+    )
     train_epochs_frozen: int = Field(default=3, ge=0)
     train_epochs_unfrozen: int = Field(default=5, ge=0)
     train_patience: int = Field(default=2, ge=1, description="Epochs without a better valid loss before stopping.")

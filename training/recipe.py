@@ -232,7 +232,8 @@ def train(dataset: Dataset, settings: Settings, *, workdir: Path, progress: Prog
     if progress:
         progress("stage", {"name": "lr_find", "detail": f"{settings.train_arch} on {device.type}"})
     lr, curve = find_lr(learn)
-    log.info("lr_find suggests %.2e", lr)
+    log.info("lr_find suggests %.2e%s", lr, f"; using STILLTAG_TRAIN_LR={settings.train_lr:g}" if settings.train_lr else "")
+    lr = settings.train_lr or lr
     if device.type == "cuda":
         learn = learn.to_fp16()
 
