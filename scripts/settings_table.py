@@ -46,6 +46,7 @@ EXAMPLES: dict[str, str] = {
     "train_pretrained": "false",
     "train_image_size": "256",
     "train_batch_size": "32",
+    "train_lr": "0.003",
     "train_epochs_frozen": "1",
     "train_epochs_unfrozen": "10",
     "train_patience": "3",
