@@ -38,6 +38,19 @@ def park(client, *, queue: str, raw: bytes | str, reason: str) -> None:
 
 
 class GuardedRedisChannel(kombu_redis.Channel):
+    def _deliver_or_park(self, dest: str, item, recorded_tag: str = "") -> bool:
+        """Hand a checked envelope to kombu, or park it (and forget its unacked record, if any)."""
+        envelope, reason = check_envelope(item)
+        if envelope is None:
+            with self.conn_or_acquire() as client:
+                park(client, queue=dest, raw=item, reason=reason)
+                if recorded_tag:  # recorded as unacked: forget it, or the sweep would bring it back
+                    client.pipeline().zrem(self.unacked_index_key, recorded_tag).hdel(
+                        self.unacked_key, recorded_tag).execute()
+            return True
+        self.connection._deliver(envelope, dest)
+        return True
+
     def _brpop_read(self, **options):
         # kombu 5.7's Channel._brpop_read, with check_envelope() between the read and _deliver():
         # kombu itself would raise on bad JSON or lose a message missing delivery_tag/delivery_info.
@@ -52,13 +65,7 @@ class GuardedRedisChannel(kombu_redis.Channel):
             dest, item = dest__item
             dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
-            envelope, reason = check_envelope(item)
-            if envelope is None:
-                with self.conn_or_acquire() as client:
-                    park(client, queue=dest, raw=item, reason=reason)
-                return True
-            self.connection._deliver(envelope, dest)
-            return True
+            return self._deliver_or_park(dest, item)
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
@@ -126,16 +133,7 @@ class AtomicRedisChannel(GuardedRedisChannel):
             if not reply:
                 raise kombu_redis.Empty()
             dest, item, tag = (bytes_to_str(x) if x is not None else "" for x in reply)
-            dest = dest.rsplit(self.sep, 1)[0]
-            envelope, reason = check_envelope(item)
-            if envelope is None:
-                with self.conn_or_acquire() as client:
-                    park(client, queue=dest, raw=item, reason=reason)
-                    if tag:  # recorded by the script: forget it, or the sweep would bring it back
-                        client.pipeline().zrem(self.unacked_index_key, tag).hdel(self.unacked_key, tag).execute()
-                return True
-            self.connection._deliver(envelope, dest)
-            return True
+            return self._deliver_or_park(dest.rsplit(self.sep, 1)[0], item, recorded_tag=tag)
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()

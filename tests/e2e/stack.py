@@ -130,7 +130,7 @@ class Stack:
 
     def close(self) -> None:
         for w in self.workers:
-            if w.proc and w.proc.poll() is None:
-                w.stop()
+            if w.proc:
+                w.stop()  # also closes the log of a worker that has exited by itself
         if hasattr(self, "_engine"):
             self._engine.dispose()
