@@ -62,14 +62,14 @@ def create_app(settings: Settings | None = None) -> Celery:
 
 
 def register_tasks(app: Celery) -> None:
-    @app.task(name=TAG_TASK, acks_late=True)
+    @app.task(name=TAG_TASK, acks_late=True, shared=False)
     def tag(image_id: int) -> str:
         """Tag one image (a stock Celery worker's path; ``stilltag worker`` batches instead)."""
         from worker.service import tag_one
 
         return tag_one(image_id)
 
-    @app.task(name=RETRAIN_TASK, acks_late=False)
+    @app.task(name=RETRAIN_TASK, acks_late=False, shared=False)
     def retrain(**options) -> str | None:
         """Retrain from the website's tags; acked at start, since a retrain is not worth repeating blindly."""
         from training.service import retrain_from_task

@@ -24,7 +24,6 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -63,12 +62,10 @@ def parse_message(message) -> int:
 
 
 class BatchConsumer:
-    def __init__(self, tagger: Tagger, *, queues: tuple[str, ...] = TAGGING_QUEUES,
-                 on_batch: Callable[[Batch, list], None] | None = None):
+    def __init__(self, tagger: Tagger, *, queues: tuple[str, ...] = TAGGING_QUEUES):
         self.tagger = tagger
         self.settings = tagger.settings
         self.queues = queues
-        self.on_batch = on_batch
         self.stop_event = threading.Event()
         self.ready: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
         self.done: queue.Queue[tuple[Batch, Exception | None]] = queue.Queue()
@@ -228,14 +225,12 @@ class BatchConsumer:
             try:
                 self.tagger.maybe_switch()
                 t0 = time.perf_counter()
-                results = self.tagger.run_batch([f.result() for f in batch.futures])
+                self.tagger.run_batch([f.result() for f in batch.futures])
                 log.info("batch of %d (%d from %s) tagged with %s in %.0f ms", len(batch.messages),
                          batch.queues.count(self.queues[0]), self.queues[0], self.tagger.model.version,
                          (time.perf_counter() - t0) * 1000)
                 self.done.put((batch, None))
                 backoff = 0.0
-                if self.on_batch:
-                    self.on_batch(batch, results)
             except Exception as exc:
                 log.exception("batch of %d not committed; its messages go back to the queue", len(batch.messages))
                 self.done.put((batch, exc))
