@@ -37,14 +37,12 @@ class Runtime:
 
     @cached_property
     def images(self) -> ImageSource:
-        source = ImageSource(
+        return ImageSource(
             self.settings.image_url,
             endpoint_url=self.settings.s3_endpoint_url,
             concurrency=self.settings.fetch_concurrency,
             max_bytes=self.settings.max_image_bytes,
         )
-        self._closers.append(source.close)
-        return source
 
     @cached_property
     def events(self):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -182,7 +181,11 @@ def open_store(url: str, *, endpoint_url: str = "", max_connections: int = 16) -
 
 
 class ImageSource:
-    """Reads image bytes by ID through a URL template such as ``s3://stills/{image_id}.jpg``."""
+    """Reads image bytes by ID through a URL template such as ``s3://stills/{image_id}.jpg``.
+
+    One image per call; the tagging worker fetches a batch's images concurrently from its own
+    thread pool (``worker.service.Tagger``), where each image is decoded as soon as it arrives.
+    """
 
     def __init__(self, template: str, *, endpoint_url: str = "", concurrency: int = 16, max_bytes: int | None = None):
         if "{image_id}" not in template:
@@ -191,9 +194,7 @@ class ImageSource:
         root, _, prefix = head.rpartition("/")
         self.store = open_store(root + "/", endpoint_url=endpoint_url, max_connections=concurrency)
         self.key_template = prefix + "{image_id}" + tail
-        self.concurrency = concurrency
         self.max_bytes = max_bytes
-        self._pool: ThreadPoolExecutor | None = None
 
     def key(self, image_id: int) -> str:
         return self.key_template.format(image_id=image_id)
@@ -201,25 +202,5 @@ class ImageSource:
     def fetch(self, image_id: int) -> bytes:
         return self.store.get(self.key(image_id), max_bytes=self.max_bytes)
 
-    def fetch_many(self, image_ids: list[int]) -> list[bytes | Exception]:
-        """Fetch concurrently; each entry is the bytes or the exception for that image."""
-
-        def one(image_id: int) -> bytes | Exception:
-            try:
-                return self.fetch(image_id)
-            except Exception as exc:  # one missing image must not fail the batch
-                return exc
-
-        if len(image_ids) <= 1:
-            return [one(i) for i in image_ids]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="fetch")
-        return list(self._pool.map(one, image_ids))
-
     def put(self, image_id: int, data: bytes) -> None:
         self.store.put(self.key(image_id), data)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None

@@ -1,33 +1,47 @@
-"""Image bytes from an S3-compatible server (moto over HTTP), fetched concurrently."""
+"""Image bytes from an S3-compatible server (moto over HTTP), through the tagging worker's stages."""
 
 import threading
 import time
 
 import pytest
 
+from demo.synthetic import make_picture
+from shared import registry
+from shared.db import transaction
+from shared.migrate import upgrade
 from shared.stores import ImageSource, ObjectMissing
+from worker.service import Tagger
 
 pytestmark = pytest.mark.integration
 
 
-def test_fetch_many_from_s3_with_a_missing_image(s3_server):
+def test_fetch_from_s3_and_a_missing_object(s3_server):
     s3_server.client.create_bucket(Bucket="stills")
-    source = ImageSource("s3://stills/uploads/{image_id}.jpg", endpoint_url=s3_server.endpoint, concurrency=8)
-    for i in range(1, 6):
-        source.put(i, f"image {i}".encode())
-    got = source.fetch_many([1, 2, 99, 3, 4, 5])
-    assert got[0] == b"image 1" and got[5] == b"image 5"
-    assert isinstance(got[2], ObjectMissing) and "s3://stills/uploads/99.jpg" in str(got[2])
-    source.close()
+    source = ImageSource("s3://stills/uploads/{image_id}.jpg", endpoint_url=s3_server.endpoint)
+    source.put(1, b"image 1")
+    assert source.fetch(1) == b"image 1"
+    with pytest.raises(ObjectMissing, match="s3://stills/uploads/99.jpg"):
+        source.fetch(99)
 
 
-def test_a_batch_is_fetched_concurrently(s3_server):
+def test_a_batch_is_fetched_concurrently_from_s3_and_a_missing_image_fails_alone(
+        s3_server, make_settings, tiny_learner):
     s3_server.client.create_bucket(Bucket="stills")
-    source = ImageSource("s3://stills/{image_id}.jpg", endpoint_url=s3_server.endpoint, concurrency=8)
-    for i in range(16):
-        source.put(i, b"x")
+    settings = make_settings(image_url="s3://stills/{image_id}.jpg", s3_endpoint_url=s3_server.endpoint,
+                             fetch_concurrency=8)
+    upgrade(settings.database_url)
+    tagger = Tagger(settings)
+    with transaction(tagger.runtime.sessions) as s:
+        registry.register(session=s, store=tagger.runtime.model_store, artifact=tiny_learner, arch="resnet18",
+                          vocab=[])
+        registry.promote(session=s, version="v1")
+    tagger.load_champion()
+    ids = list(range(1, 17))
+    for i in ids:
+        tagger.runtime.images.put(i, make_picture(i).jpeg())
+
     in_flight, peak, lock = 0, 0, threading.Lock()
-    real_get = source.store.get
+    real_get = tagger.runtime.images.store.get
 
     def counting_get(key, **kw):
         nonlocal in_flight, peak
@@ -41,7 +55,11 @@ def test_a_batch_is_fetched_concurrently(s3_server):
             with lock:
                 in_flight -= 1
 
-    source.store.get = counting_get
-    assert source.fetch_many(list(range(16))) == [b"x"] * 16
+    tagger.runtime.images.store.get = counting_get
+    try:
+        results = tagger.tag_ids([*ids, 99])
+    finally:
+        tagger.close()
+    assert [r.state for r in results] == ["tagged"] * 16 + ["failed"]
+    assert "s3://stills/99.jpg" in results[-1].error
     assert peak >= 4
-    source.close()
