@@ -9,9 +9,6 @@ the F2 score. A second run reuses the pictures and the model the first one made.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 
@@ -28,6 +25,7 @@ from shared.constants import TAG_TASK, TAGGING_QUEUE
 from shared.db import image_tags, tag_suggestions, tagging_status, transaction
 from shared.migrate import upgrade
 from shared.runtime import Runtime
+from worker.process import WorkerProcess
 
 TRAIN_IDS = range(1, 481)  # the website's tagged pictures: the retrain's train / valid / holdout
 HELD_OUT_IDS = range(10_001, 10_041)  # new uploads the model has never seen
@@ -46,7 +44,6 @@ DEMO_TRAINING = {
     "train_patience": 3,
     "train_min_tag_images": 5,
 }
-WORKER_START_TIMEOUT_S = 300
 RESULTS_TIMEOUT_S = 300
 
 
@@ -95,32 +92,6 @@ def _champion(rt: Runtime, settings: Settings, console: Console, progress: Progr
     progress.update(stage, total=1, completed=1, description=f"retrained: {record.version} is {record.status}")
     progress.update(batches, visible=False)
     return record.version
-
-
-def _start_worker(settings: Settings) -> tuple[subprocess.Popen, object]:
-    log_path = settings.data_dir / "demo-worker.log"
-    log_file = open(log_path, "w")
-    env = {**os.environ, "STILLTAG_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"], env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while "consuming " not in log_path.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the tagging worker did not start; its log is {log_path}:\n"
-                               + log_path.read_text(errors="replace")[-3000:])
-        time.sleep(0.2)
-    return proc, log_file
-
-
-def _stop_worker(proc: subprocess.Popen, log_file) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    log_file.close()
 
 
 def _suggestions(rt: Runtime, ids, version: str) -> dict[int, list[tuple[str, float]]]:
@@ -172,7 +143,8 @@ def run_demo(settings: Settings, console: Console | None = None) -> DemoResult:
             version = _champion(rt, settings, console, progress)
 
             starting = progress.add_task("starting a tagging worker process", total=None)
-            proc, log_file = _start_worker(settings)
+            env = {**os.environ, "STILLTAG_DATA_DIR": str(settings.data_dir), "PYTHONUNBUFFERED": "1"}
+            worker = WorkerProcess(env, settings.data_dir / "demo-worker.log").start().wait_ready()
             progress.update(starting, total=1, completed=1, description="tagging worker running")
             try:
                 with transaction(rt.sessions) as s:  # a second run waits for fresh results
@@ -197,7 +169,7 @@ def run_demo(settings: Settings, console: Console | None = None) -> DemoResult:
                                            f"{settings.data_dir / 'demo-worker.log'}")
                     time.sleep(0.1)
             finally:
-                _stop_worker(proc, log_file)
+                worker.stop()
         suggested = _suggestions(rt, HELD_OUT_IDS, version)
     finally:
         rt.close()

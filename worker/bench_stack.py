@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ import sqlalchemy as sa
 
 from shared.config import ENV_PREFIX
 from shared.constants import TAG_TASK, TAGGED_CHANNEL
+from worker.process import WorkerProcess
 
 # Frame sizes of movie stills: 720p, 2.40:1 at 1920 wide, 4:3 and 4:3 1080p.
 MOVIE_SIZES = ((1280, 720), (1920, 800), (1024, 768), (1440, 1080))
@@ -32,9 +32,6 @@ JPEG_QUALITY = 90
 GRAIN_SIGMA = 6.0  # film grain: generated pictures are flat; real stills have texture (and bigger files)
 REDIS_DB_RANGE = range(2, 16)  # DB 0 and 1 are left to whoever else uses the server
 CLAIM_KEY = "stilltag:bench-claim"
-READY_LINE = "consuming "
-WORKER_START_TIMEOUT_S = 300  # importing torch + fastai and loading a resnet152 on a busy machine
-STOP_TIMEOUT_S = 60
 
 
 def movie_jpegs(count: int, *, distinct_per_size: int, seed: int = 0) -> list[bytes]:
@@ -157,7 +154,7 @@ class BenchStack:
         self.redis_host_url = redis_host_url
         self.pg_admin_url = pg_admin_url
         self._exit = ExitStack()
-        self.proc: subprocess.Popen | None = None
+        self.worker: WorkerProcess | None = None
 
     def __enter__(self) -> "BenchStack":
         import redis
@@ -201,31 +198,15 @@ class BenchStack:
         env = self.env(**settings)
         self.cli(env, "db", "upgrade")
         self.cli(env, "models", "register", str(learner), "--promote")
-        self.log_path = self.root / "worker.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker"], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-        while READY_LINE not in self.log_path.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not start:\n{self.worker_log()[-4000:]}")
-            time.sleep(0.2)
+        self.worker = WorkerProcess(env, self.root / "worker.log").start().wait_ready()
 
     def worker_log(self) -> str:
-        return self.log_path.read_text(errors="replace") if hasattr(self, "log_path") else ""
+        return self.worker.log() if self.worker else ""
 
     def stop_worker(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        self.proc = None
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
 
     def enqueue(self, image_ids, queue: str) -> float:
         """LPUSH the messages in one round trip; returns the time just before sending."""

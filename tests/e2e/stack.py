@@ -4,7 +4,6 @@ a registered champion, and tagging workers as separate processes started with th
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,59 +14,11 @@ import sqlalchemy as sa
 
 from shared.config import ENV_PREFIX
 from shared.db import make_engine, tag_suggestions, tagging_status
-
-READY_LINE = "consuming "
-WORKER_START_TIMEOUT_S = 180  # importing torch + fastai and loading the learner on a busy 2-core machine
-
+from worker.process import WorkerProcess
 
 def stilltag(env: dict[str, str], *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=check)
-
-
-@dataclass
-class WorkerProcess:
-    env: dict[str, str]
-    log_path: Path
-    queues: str = "tagging,backfill"
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> "WorkerProcess":
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "worker", "--queues", self.queues],
-                                     env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> "WorkerProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if READY_LINE in self.log():
-                return self
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            time.sleep(0.2)
-        raise AssertionError(f"worker not ready after {timeout_s} s:\n{self.log()[-4000:]}")
-
-    def stop(self, timeout_s: float = 60) -> int:
-        if self._log.closed:
-            return self.proc.returncode
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
 
 
 @dataclass

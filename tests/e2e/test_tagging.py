@@ -9,7 +9,7 @@ import redis
 from demo.synthetic import make_picture
 from shared.constants import PARKED_KEY, TAGGED_CHANNEL
 from tests.envelopes import broken_envelopes, lpush, tag_envelope
-from tests.images import encode, png_bomb
+from tests.images import png_bomb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # worker start-up on a busy 2-core machine
 
