@@ -42,6 +42,8 @@ EXAMPLES: dict[str, str] = {
     "model_poll_s": "10",
     "visibility_timeout_s": "600",
     "restore_interval_s": "10",
+    "metrics_port": "9465",
+    "stall_exit_s": "300",
     "train_arch": "resnet50",
     "train_pretrained": "false",
     "train_image_size": "256",

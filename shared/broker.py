@@ -14,21 +14,39 @@ import time
 from time import monotonic
 
 from kombu.transport import redis as kombu_redis
+from prometheus_client import Counter
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 
 from shared.config import Settings
-from shared.constants import PARKED_KEY, PARKED_MAX_LEN
+from shared.constants import PARKED_KEY, PARKED_MAX_LEN, TASK_QUEUES
 from shared.messages import check_envelope
 
 log = logging.getLogger(__name__)
 
 GUARDED_REDIS_TRANSPORT = "shared.broker:GuardedRedisTransport"
+UNACKED_MUTEX_EXPIRE_S = 10  # longest a sweep's lock outlives a killed holder
+BROKER_SOCKET_TIMEOUT_S = 10  # a Redis command (not a blocking pop) never takes this long
+BROKER_HEALTH_CHECK_S = 10  # redis-py PINGs a connection idle this long before using it
+
+PARKED = Counter("stilltag_parked", "Malformed messages parked on stilltag:parked, by reason.", ["reason"])
+
+
+def parked_reason(reason: str) -> str:
+    """The kind of problem, as a label with few values (the details stay in the parked record)."""
+    text = reason.lower()
+    for prefix, label in (("not json", "not_json"), ("broken envelope", "envelope"), ("envelope is", "envelope"),
+                          ("body", "body"), ("content-type", "content_type"), ("task ", "wrong_task")):
+        if text.startswith(prefix):
+            return label
+    return "arguments"
 
 
 def park(client, *, queue: str, raw: bytes | str, reason: str) -> None:
     """Keep a message that cannot be processed, with the reason, newest first."""
     record = json.dumps({"queue": queue, "reason": reason, "raw": bytes_to_str(raw), "parked_at": time.time()})
     log.error("parked a message from %r: %s", queue, reason)
+    PARKED.labels(parked_reason(reason)).inc()
     if client is None:
         return
     try:
@@ -39,7 +57,14 @@ def park(client, *, queue: str, raw: bytes | str, reason: str) -> None:
 
 class GuardedRedisChannel(kombu_redis.Channel):
     def _deliver_or_park(self, dest: str, item, recorded_tag: str = "") -> bool:
-        """Hand a checked envelope to kombu, or park it (and forget its unacked record, if any)."""
+        """Hand a checked envelope to kombu, or park it (and forget its unacked record, if any).
+
+        Only task queues are checked: replies to ``celery inspect`` (``*.reply.celery.pidbox``)
+        are no task messages and go to kombu as they are.
+        """
+        if dest not in TASK_QUEUES:
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            return True
         envelope, reason = check_envelope(item)
         if envelope is None:
             with self.conn_or_acquire() as client:
@@ -111,6 +136,16 @@ class AtomicRedisChannel(GuardedRedisChannel):
     not for Celery's event loop (the training worker uses ``GuardedRedisChannel``).
     """
 
+    # The consumer finishes and acknowledges what it holds itself, also across a reconnect
+    # (worker/consumer.py): returning it all to the queue when the connection closes would have
+    # every in-flight image tagged twice.
+    do_restore = False
+
+    def pop_overdue(self, timeout_s: float) -> bool:
+        """True when a pop was sent more than ``timeout_s`` ago and has no reply: the socket is
+        half-open (a cut connection that no error announced)."""
+        return bool(self._in_poll) and self._brpop_sent_at is not None and monotonic() - self._brpop_sent_at > timeout_s
+
     def _brpop_start(self, timeout=None):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
@@ -146,7 +181,7 @@ class AtomicRedisTransport(kombu_redis.Transport):
 
 def transport_options(settings: Settings) -> dict:
     """Broker transport options, set on purpose (README, "Delivery guarantees")."""
-    if settings.broker_scheme in ("redis", "rediss"):
+    if settings.broker_is_redis:
         return {
             # A message not acknowledged within this time is handed out again. It must exceed the
             # longest wait + batch time of a prefetched message, or live work is delivered twice.
@@ -155,6 +190,14 @@ def transport_options(settings: Settings) -> dict:
             # worker runs its own sweep at the same interval (worker/consumer.py).
             "unacked_restore_interval": max(1, round(settings.restore_interval_s)),
             "unacked_restore_throttle": 1,
+            # The sweep's lock: kombu's default (300 s) outlives a worker or a Redis killed while
+            # holding it (the lock survives in the append-only file), stopping every sweep for 5 min.
+            "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S,
+            # A dead or half-open socket is noticed within seconds instead of waiting forever.
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_keepalive": True,
+            "health_check_interval": BROKER_HEALTH_CHECK_S,
             # Uploads before backfill: BRPOP lists the keys in this fixed order.
             "queue_order_strategy": "priority",
         }
@@ -173,4 +216,4 @@ def transport_options(settings: Settings) -> dict:
 
 
 def transport_class(settings: Settings) -> str | None:
-    return GUARDED_REDIS_TRANSPORT if settings.broker_scheme == "redis" else None
+    return GUARDED_REDIS_TRANSPORT if settings.broker_is_redis else None

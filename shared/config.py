@@ -10,9 +10,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.constants import REDIS_SCHEMES
 
 ENV_PREFIX = "STILLTAG_"
 
@@ -80,6 +81,19 @@ class Settings(BaseSettings):
         default=5.0,
         gt=0,
         description="How often each tagging worker returns expired unacknowledged messages to their queue.",
+    )
+
+    # --- operations -------------------------------------------------------------------
+    metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="HTTP port for /livez, /readyz and /metrics; 0 turns it off (one port per process).",
+    )
+    stall_exit_s: float = Field(
+        default=120.0,
+        ge=10,
+        description="A tagging worker that makes no progress this long while messages wait exits non-zero.",
     )
 
     # --- training ---------------------------------------------------------------------
@@ -151,13 +165,18 @@ class Settings(BaseSettings):
             object.__setattr__(self, "image_url", f"file://{data_dir / 'images'}/{{image_id}}.jpg")
         if not self.model_store:
             object.__setattr__(self, "model_store", f"file://{data_dir / 'models'}")
-        if not self.events_url and self.broker_url.startswith(("redis://", "rediss://")):
+        if not self.events_url and self.broker_is_redis:
             object.__setattr__(self, "events_url", self.broker_url)
         return self
 
     @property
     def broker_scheme(self) -> str:
         return self.broker_url.split("://", 1)[0]
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """Redis, plain or over TLS: the one check every Redis-only feature uses."""
+        return self.broker_scheme in REDIS_SCHEMES
 
 
 def unknown_env_names(environ: dict[str, str] | os._Environ[str] | None = None) -> list[str]:

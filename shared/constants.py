@@ -10,7 +10,9 @@ TAGGING_QUEUE = "tagging"  # uploads: always served first
 BACKFILL_QUEUE = "backfill"  # bulk work: served when no upload waits
 TRAINING_QUEUE = "training"  # retraining, consumed only by training workers
 TAGGING_QUEUES = (TAGGING_QUEUE, BACKFILL_QUEUE)
+TASK_QUEUES = (*TAGGING_QUEUES, TRAINING_QUEUE)  # where task messages are checked before use
 
+ENQUEUED_AT_HEADER = "stilltag_enqueued_at"  # optional message header: Unix time of the enqueue, seconds
 TAGGED_CHANNEL = "stilltag:tagged"  # Redis pub/sub, one JSON event per image after commit
 PARKED_KEY = "stilltag:parked"  # Redis list of malformed messages, newest first
 PARKED_MAX_LEN = 10_000  # parked messages kept before the oldest are trimmed
@@ -26,3 +28,5 @@ ARTIFACT_NAME = "export.pkl"
 
 RETRAIN_LOCK_KEY = "stilltag:retrain-lock"  # Redis lock held while a retrain runs (Redis broker)
 RETRAIN_LOCK_FILE = "retrain.lock"  # fcntl lock in the data folder (any other broker)
+
+REDIS_SCHEMES = ("redis", "rediss")  # broker URL schemes of the Redis transport (rediss: TLS)

@@ -111,7 +111,7 @@ def retrain_lock(settings: Settings) -> Iterator[str]:
     Raises:
         RetrainBusy: another retrain holds it.
     """
-    if settings.broker_scheme in ("redis", "rediss"):
+    if settings.broker_is_redis:
         with redis_lock(settings.broker_url) as token:
             yield token
     else:

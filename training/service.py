@@ -139,16 +139,25 @@ def retrain_from_task(**options) -> str:
 
     A retrain refused by the lock is skipped (logged, not retried): the running one is as fresh.
     """
+    from training import metrics
+
     settings = with_overrides(_worker_settings or get_settings(), options)
+    outcome = "failed"
     try:
-        record = retrain(settings, progress=_log_progress)
+        with metrics.RETRAIN_DURATION.time():
+            record = retrain(settings, progress=_log_progress)
+        outcome = record.status if record.status in metrics.OUTCOMES else "candidate"
+        metrics.RETRAIN_LAST_SUCCESS.set_to_current_time()
     except RetrainBusy as exc:
+        outcome = "skipped"
         log.warning("retrain skipped: %s", exc)
         return f"skipped: {exc}"
+    finally:
+        metrics.RETRAIN_RUNS.labels(outcome).inc()
     return f"{record.version} {record.status}: {record.reason}"
 
 
-def run_training_worker(settings: Settings, loglevel: str = "INFO") -> int:
+def run_training_worker(settings: Settings, loglevel: str = "INFO", hostname: str | None = None) -> int:
     """Run a Celery worker that consumes only the ``training`` queue, one task at a time.
 
     The solo pool runs the retrain in this process (no fork after CUDA starts); a second
@@ -166,7 +175,26 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO") -> int:
     app = create_app(settings)
     worker = app.Worker(
         pool="solo", concurrency=1, queues=[TRAINING_QUEUE], loglevel=loglevel,
-        hostname=host_format(f"training.{os.getpid()}@%h"), without_mingle=True, without_gossip=True,
+        hostname=host_format(hostname or f"training.{os.getpid()}@%h"), without_mingle=True, without_gossip=True,
     )
-    worker.start()
+    server = _serve_health(settings)
+    try:
+        worker.start()
+    finally:
+        if server is not None:
+            server.stop()
     return worker.exitcode or 0
+
+
+def _serve_health(settings: Settings):
+    """/livez (the process answers), /readyz (database and broker answer) and /metrics."""
+    from shared.health import all_of, database_check, redis_check, redis_client, register_queue_lengths, serve
+    from training import metrics  # noqa: F401  (registers the retrain metrics before the first scrape)
+
+    rt = Runtime(settings)
+    checks = [database_check(rt.engine)]
+    if settings.broker_is_redis:
+        client = redis_client(settings.broker_url)
+        register_queue_lengths(client)
+        checks.append(redis_check(client, "the broker (STILLTAG_BROKER_URL)"))
+    return serve(settings.metrics_port, ready=all_of(*checks))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 from typing import Annotated
 
 import typer
@@ -17,7 +16,9 @@ log = logging.getLogger(__name__)
 def worker(
     queues: Annotated[str, typer.Option(help="tagging,backfill for a tagging worker; training for a training worker.")]
     = ",".join(TAGGING_QUEUES),
-    loglevel: Annotated[str, typer.Option(help="Log level of the training worker (Celery).")] = "INFO",
+    loglevel: Annotated[str, typer.Option(help="Log level (Celery's).")] = "INFO",
+    hostname: Annotated[str, typer.Option(help="Celery node name; default tagging.PID@HOST or training.PID@HOST.")]
+    = "",
 ) -> None:
     """Run a worker: tagging (one process per GPU) or training."""
     settings = get_settings()
@@ -25,37 +26,16 @@ def worker(
     if names == (TRAINING_QUEUE,):
         from training.service import run_training_worker
 
-        run_training_worker(settings, loglevel)
-        return
+        raise typer.Exit(run_training_worker(settings, loglevel, hostname=hostname or None))
     if TRAINING_QUEUE in names or not set(names) <= set(TAGGING_QUEUES):
         raise typer.BadParameter(
             f"a tagging worker consumes {' and/or '.join(TAGGING_QUEUES)}; run `--queues {TRAINING_QUEUE}` separately",
             param_hint="--queues",
         )
     names = tuple(q for q in TAGGING_QUEUES if q in names)  # uploads first, whatever the order given
-    run_tagging_worker(settings, names)
+    from worker.celery_worker import run_tagging_worker
 
-
-def run_tagging_worker(settings, queues) -> None:
-    from worker.consumer import BatchConsumer
-    from worker.service import Tagger
-
-    tagger = Tagger(settings)
-    consumer = BatchConsumer(tagger, queues=queues)
-
-    def _stop(signum, _frame):
-        log.info("signal %d: finishing the batches in hand, then stopping", signum)
-        consumer.stop()
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    try:
-        if tagger.wait_for_champion(stop=consumer.stop_event.is_set) is None:
-            return
-        consumer.run()
-    finally:
-        tagger.close()
-    log.info("tagging worker stopped")
+    raise typer.Exit(run_tagging_worker(settings, names, loglevel=loglevel, hostname=hostname or None))
 
 
 def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:

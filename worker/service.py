@@ -19,6 +19,7 @@ from shared import registry
 from shared.config import Settings, get_settings
 from shared.db import transaction
 from shared.runtime import Runtime
+from worker import metrics
 from worker.model import TaggingModel, resolve_device
 from worker.preprocess import ImageRejected, Preprocessing, decode_image
 from worker.results import ImageResult, failed, persist_batch, publish_events, select_tags, tagged
@@ -26,6 +27,7 @@ from worker.results import ImageResult, failed, persist_batch, publish_events, s
 log = logging.getLogger(__name__)
 
 NO_CHAMPION_POLL_S = 2.0  # how often a worker with no model looks for one
+FAILED_MODEL_RETRY_S = 300.0  # a champion that failed to load (an S3 blip?) is tried again after this
 
 
 class NoChampion(RuntimeError):
@@ -49,7 +51,8 @@ class Tagger:
         self.device = resolve_device(settings.device)
         self.model: TaggingModel | None = None
         self._last_poll = 0.0
-        self._failed_version: str | None = None  # a champion that would not load is not retried
+        self._failed_version: str | None = None  # a champion that would not load, not retried until
+        self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
         workers = settings.fetch_concurrency + (settings.decode_workers or os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
 
@@ -66,6 +69,7 @@ class Tagger:
         log.info("loaded model %s (%s, %d tags) on %s in %.1f s", record.version, model.arch, len(model.vocab),
                  self.device, time.perf_counter() - t0)
         old, self.model = self.model, model
+        metrics.set_model(model.version, model.arch, str(self.device))
         if old is not None:
             old.release()
         return model
@@ -95,22 +99,27 @@ class Tagger:
         except Exception:
             log.exception("could not read the champion from the database; keeping %s", self.model and self.model.version)
             return
-        if version is None or version == self._failed_version or (self.model and version == self.model.version):
+        if version is None or (self.model and version == self.model.version):
+            return
+        if version == self._failed_version and now - self._failed_at < FAILED_MODEL_RETRY_S:
             return
         old = self.model.version if self.model else None
         try:
             self.load_champion()
+            metrics.MODEL_SWITCHES.inc()
             log.info("switched model %s → %s", old, version)
         except Exception as exc:
-            log.error("new champion %s failed to load, keeping %s: %s", version, old, exc)
-            self._failed_version = version
+            log.error("new champion %s failed to load, keeping %s (trying again in %.0f s): %s", version, old,
+                      FAILED_MODEL_RETRY_S, exc)
+            self._failed_version, self._failed_at = version, now
 
     # --- stages ---------------------------------------------------------------------------
     def prepare(self, image_id: int, prep: Preprocessing) -> Prepared:
         """Fetch + decode one image; never raises (a bad image is a result, not an error)."""
         try:
-            data = self.runtime.images.fetch(image_id)
-            pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels)
+            with metrics.DECODE.time():
+                data = self.runtime.images.fetch(image_id)
+                pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels)
             return Prepared(image_id, prep, pixels=pixels)
         except ImageRejected as exc:
             return Prepared(image_id, prep, error=str(exc))
@@ -125,7 +134,9 @@ class Tagger:
         model = self.model
         prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep) for p in prepared]
         ok = [p for p in prepared if p.pixels is not None]
-        probs = model.predict(np.stack([p.pixels for p in ok])) if ok else None
+        if ok:
+            with metrics.INFERENCE.time():
+                probs = model.predict(np.stack([p.pixels for p in ok]))
         by_id = {}
         for i, p in enumerate(ok):
             by_id[p.image_id] = tagged(
@@ -139,9 +150,14 @@ class Tagger:
     def persist(self, results: list[ImageResult]) -> None:
         """One transaction for the batch, then the events (after commit)."""
         version = self.model.version
-        with transaction(self.runtime.sessions) as session:
-            persist_batch(session=session, model_version=version, results=results)
-        publish_events(self.runtime.events, model_version=version, results=results)
+        with metrics.PERSIST.time():
+            with transaction(self.runtime.sessions) as session:
+                persist_batch(session=session, model_version=version, results=results)
+            publish_events(self.runtime.events, model_version=version, results=results)
+        metrics.BATCHES.inc()
+        metrics.BATCH_SIZE.observe(len(results))
+        for result in results:
+            metrics.IMAGES.labels(result.state).inc()
 
     def run_batch(self, prepared: list[Prepared]) -> list[ImageResult]:
         unique = list({p.image_id: p for p in reversed(prepared)}.values())[::-1]  # a duplicate is tagged once
