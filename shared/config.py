@@ -6,15 +6,17 @@ file-system broker). Production sets the URLs; the code path is the same.
 
 from __future__ import annotations
 
+import difflib
 import os
 from functools import lru_cache
 from pathlib import Path
 
-
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ENV_PREFIX = "STILLTAG_"
+from shared.errors import ENV_PREFIX, SettingsError
+
+STORE_SCHEMES = ("file://", "s3://")  # what shared.stores.open_store reads
 
 
 class Settings(BaseSettings):
@@ -112,6 +114,15 @@ class Settings(BaseSettings):
     def _image_url_has_placeholder(cls, value: str) -> str:
         if value and "{image_id}" not in value:
             raise ValueError("STILLTAG_IMAGE_URL must contain {image_id}, e.g. s3://stills/{image_id}.jpg")
+        if value and not value.startswith(STORE_SCHEMES):
+            raise ValueError("STILLTAG_IMAGE_URL must start with file:// or s3://, e.g. s3://stills/{image_id}.jpg")
+        return value
+
+    @field_validator("model_store")
+    @classmethod
+    def _model_store_scheme(cls, value: str) -> str:
+        if value and not value.startswith(STORE_SCHEMES):
+            raise ValueError("STILLTAG_MODEL_STORE must be file:///path or s3://bucket/prefix")
         return value
 
     @field_validator("retrain_schedule")
@@ -171,8 +182,13 @@ def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment, refusing unknown ``STILLTAG_*`` names."""
     unknown = unknown_env_names()
     if unknown:
-        raise ValueError(
-            f"unknown setting(s) {', '.join(unknown)}; known STILLTAG_* names are listed in README.md"
+        known = [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+        names = []
+        for name in unknown:
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            names.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(names)}; known STILLTAG_* names are listed in README.md"
         )
     return Settings(**overrides)
 
