@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from shared.config import get_settings
 from shared.constants import BACKFILL_QUEUE, TAG_TASK, TAGGING_QUEUE
+from shared.errors import UserError, report
 
 app = typer.Typer(help="stilltag: asynchronous image tagging with a preloaded fastai learner.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
@@ -38,8 +40,20 @@ def runtime():
         rt.close()
 
 
+@dataclass
+class _Options:
+    debug: bool = False  # set by the --debug flag; main() reads it when a command fails
+
+
+options = _Options()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback when a command fails.")] = False,
+) -> None:
+    options.debug = debug
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
@@ -76,7 +90,7 @@ def enqueue(
 
 @models_app.command("register")
 def models_register(
-    path: Annotated[Path, typer.Argument(help="An export.pkl written by learn.export().", exists=True, dir_okay=False)],
+    path: Annotated[Path, typer.Argument(help="An export.pkl written by learn.export().")],
     promote: Annotated[bool, typer.Option("--promote", help="Make it the champion now.")] = False,
     arch: Annotated[str, typer.Option(help="Architecture name; read from the learner when omitted.")] = "",
 ) -> None:
@@ -85,6 +99,8 @@ def models_register(
     from shared.db import transaction
     from worker.model import describe_learner
 
+    if not path.is_file():  # checked here, not by click, so that it fails in one line like the rest
+        raise UserError(f"{path} is not a file; pass the export.pkl written by learn.export()")
     info = describe_learner(path)  # the file is the admin's own: reading its vocabulary is safe here
     with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.register(
@@ -152,11 +168,13 @@ _register_package_commands()
 
 
 def main() -> None:
+    """Run the command line. A failure ends in one ``error: ...`` line on stderr (the traceback
+    too with ``--debug``) and exit status 2 for settings errors, 1 for the rest (shared/errors.py);
+    click reports command-line mistakes itself, with status 2."""
     try:
         app()
-    except ValueError as exc:  # settings and registry errors carry a message meant for the user
-        typer.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
+    except Exception as exc:
+        raise SystemExit(report(exc, debug=options.debug)) from None
 
 
 if __name__ == "__main__":

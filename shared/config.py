@@ -6,6 +6,7 @@ file-system broker). Production sets the URLs; the code path is the same.
 
 from __future__ import annotations
 
+import difflib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -14,8 +15,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.constants import REDIS_SCHEMES
+from shared.errors import ENV_PREFIX, SettingsError
 
-ENV_PREFIX = "STILLTAG_"
+STORE_SCHEMES = ("file://", "s3://")  # what shared.stores.open_store reads
 
 
 class Settings(BaseSettings):
@@ -126,6 +128,15 @@ class Settings(BaseSettings):
     def _image_url_has_placeholder(cls, value: str) -> str:
         if value and "{image_id}" not in value:
             raise ValueError("STILLTAG_IMAGE_URL must contain {image_id}, e.g. s3://stills/{image_id}.jpg")
+        if value and not value.startswith(STORE_SCHEMES):
+            raise ValueError("STILLTAG_IMAGE_URL must start with file:// or s3://, e.g. s3://stills/{image_id}.jpg")
+        return value
+
+    @field_validator("model_store")
+    @classmethod
+    def _model_store_scheme(cls, value: str) -> str:
+        if value and not value.startswith(STORE_SCHEMES):
+            raise ValueError("STILLTAG_MODEL_STORE must be file:///path or s3://bucket/prefix")
         return value
 
     @field_validator("retrain_schedule")
@@ -190,8 +201,13 @@ def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment, refusing unknown ``STILLTAG_*`` names."""
     unknown = unknown_env_names()
     if unknown:
-        raise ValueError(
-            f"unknown setting(s) {', '.join(unknown)}; known STILLTAG_* names are listed in README.md"
+        known = [ENV_PREFIX + name.upper() for name in Settings.model_fields]
+        names = []
+        for name in unknown:
+            close = difflib.get_close_matches(name.upper(), known, n=1)
+            names.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(names)}; known STILLTAG_* names are listed in README.md"
         )
     return Settings(**overrides)
 

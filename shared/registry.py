@@ -20,13 +20,14 @@ from sqlalchemy.orm import Session
 
 from shared.constants import ARTIFACT_NAME, MODEL_CANDIDATE, MODEL_CHAMPION, MODEL_RETIRED
 from shared.db import model_versions
+from shared.errors import UserError
 from shared.stores import Store
 
 MODEL_ROLLED_BACK = "rolled_back"
 HASH_CHUNK_BYTES = 1 << 20  # 1 MiB
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A registry operation cannot be done; the message says why and what to do."""
 
 

@@ -11,8 +11,10 @@ import threading
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from shared.errors import SettingsError, UserError
 
-class StoreError(Exception):
+
+class StoreError(UserError):
     """An object could not be read or written; the message says which and why."""
 
 
@@ -175,9 +177,9 @@ def open_store(url: str, *, endpoint_url: str = "", max_connections: int = 16) -
         return LocalStore(Path(unquote(parsed.netloc + parsed.path)))
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ValueError(f"{url!r} names no bucket; write s3://BUCKET/prefix")
+            raise SettingsError(f"{url!r} names no bucket; write s3://BUCKET/prefix")
         return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url, max_connections=max_connections)
-    raise ValueError(f"unsupported store URL {url!r}: use file:///path or s3://bucket/prefix")
+    raise SettingsError(f"unsupported store URL {url!r}: use file:///path or s3://bucket/prefix")
 
 
 class ImageSource:
@@ -189,7 +191,7 @@ class ImageSource:
 
     def __init__(self, template: str, *, endpoint_url: str = "", concurrency: int = 16, max_bytes: int | None = None):
         if "{image_id}" not in template:
-            raise ValueError("the image URL must contain {image_id}, e.g. s3://stills/{image_id}.jpg")
+            raise SettingsError("the image URL must contain {image_id}, e.g. s3://stills/{image_id}.jpg")
         head, _, tail = template.partition("{image_id}")
         root, _, prefix = head.rpartition("/")
         self.store = open_store(root + "/", endpoint_url=endpoint_url, max_connections=concurrency)

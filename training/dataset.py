@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
+from shared.errors import UserError
 
 HASH_BUCKETS = 10_000  # the hash rule splits at 0.01 % granularity
 FETCH_ROWS = 10_000  # rows streamed from the database at a time
@@ -32,7 +33,7 @@ ONE_TAG_COLUMN = "tag"
 MANY_TAGS_COLUMN = "tags"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """The query or its rows cannot make a training set; the message says what to change."""
 
 

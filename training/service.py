@@ -17,6 +17,7 @@ from shared import registry
 from shared.config import Settings, get_settings
 from shared.constants import TRAINING_QUEUE
 from shared.db import transaction
+from shared.errors import SettingsError
 from shared.registry import ModelVersion
 from shared.runtime import Runtime
 from training.lock import RetrainBusy, retrain_lock
@@ -38,14 +39,15 @@ def with_overrides(settings: Settings, overrides: dict | None) -> Settings:
     """``settings`` with ``train_*`` fields replaced, validated like the environment is.
 
     Raises:
-        ValueError: an option that is not a ``train_*`` setting, or a value it refuses.
+        SettingsError: an option that is not a ``train_*`` setting.
+        pydantic.ValidationError: a value the setting refuses.
     """
     if not overrides:
         return settings
     unknown = sorted(k for k in overrides if not k.startswith(OVERRIDABLE_PREFIX) or k not in Settings.model_fields)
     if unknown:
         allowed = ", ".join(sorted(k for k in Settings.model_fields if k.startswith(OVERRIDABLE_PREFIX)))
-        raise ValueError(f"unknown retrain option(s) {', '.join(unknown)}; allowed: {allowed}")
+        raise SettingsError(f"unknown retrain option(s) {', '.join(unknown)}; allowed: {allowed}")
     return type(settings)(**{**settings.model_dump(), **overrides})
 
 

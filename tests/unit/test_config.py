@@ -1,6 +1,7 @@
 import pytest
 
 from shared.config import Settings, load_settings, unknown_env_names
+from shared.errors import SettingsError
 
 
 def test_embedded_defaults_need_no_server(tmp_path):
@@ -24,7 +25,7 @@ def test_environment_is_read(monkeypatch, tmp_path):
 def test_misspelled_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("STILLTAG_MAX_BACTH", "8")
     assert unknown_env_names() == ["STILLTAG_MAX_BACTH"]
-    with pytest.raises(ValueError, match="STILLTAG_MAX_BACTH"):
+    with pytest.raises(SettingsError, match=r"STILLTAG_MAX_BACTH \(did you mean STILLTAG_MAX_BATCH\?\)"):
         load_settings()
 
 
