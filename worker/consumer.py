@@ -96,6 +96,7 @@ class BatchConsumer:
     # --- main thread ------------------------------------------------------------------------
     def on_message(self, message) -> None:
         queue_name = (message.delivery_info or {}).get("routing_key", "?")
+        metrics.RECEIVED.inc()
         try:
             image_id = parse_message(message)
         except BadMessage as exc:

@@ -13,6 +13,7 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 IMAGES = Counter("stilltag_images", "Images written, by outcome (tagged or failed).", ["state"])
+RECEIVED = Counter("stilltag_messages_received", "Messages taken from the broker (parked ones included).")
 BATCHES = Counter("stilltag_batches", "Batches committed.")
 BATCH_SIZE = Histogram("stilltag_batch_size", "Images per committed batch.", buckets=BATCH_SIZE_BUCKETS)
 QUEUE_WAIT = Histogram("stilltag_queue_wait_seconds", "From a message reaching the worker to its batch starting.",
