@@ -58,9 +58,6 @@ class Dataset:
     def size(self) -> int:
         return len(self.train) + len(self.valid) + len(self.holdout)
 
-    def tag_counts(self) -> Counter:
-        return Counter(t for part in (self.train, self.valid, self.holdout) for ex in part for t in ex.tags)
-
 
 def hash_bucket(seed: str, image_id: int, salt: str = "") -> int:
     """A stable number in ``[0, HASH_BUCKETS)`` for an image: same inputs, same bucket, on any machine."""
