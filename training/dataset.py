@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
+from shared.learner_parts import Example  # pickled with exported learners, so it lives in shared
 
 HASH_BUCKETS = 10_000  # the hash rule splits at 0.01 % granularity
 FETCH_ROWS = 10_000  # rows streamed from the database at a time
@@ -34,12 +35,6 @@ MANY_TAGS_COLUMN = "tags"
 
 class DatasetError(ValueError):
     """The query or its rows cannot make a training set; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Example:
-    image_id: int
-    tags: tuple[str, ...]
 
 
 @dataclass
