@@ -7,16 +7,15 @@ importing this module (``celery -A shared.celery_app flower``) touches nothing.
 from __future__ import annotations
 
 from celery import Celery
-from celery.schedules import crontab
 from kombu import Queue
 
 from shared.broker import transport_class, transport_options
 from shared.config import Settings, get_settings
 from shared.constants import BACKFILL_QUEUE, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
+from shared.schedule import retrain_crontab
 
 
 def celery_config(settings: Settings) -> dict:
-    minute, hour, day_of_month, month_of_year, day_of_week = settings.retrain_schedule.split()
     return {
         "broker_url": settings.broker_url,
         "broker_transport": transport_class(settings),
@@ -37,13 +36,7 @@ def celery_config(settings: Settings) -> dict:
         "beat_schedule": {
             "retrain-on-schedule": {
                 "task": RETRAIN_TASK,
-                "schedule": crontab(
-                    minute=minute,
-                    hour=hour,
-                    day_of_month=day_of_month,
-                    month_of_year=month_of_year,
-                    day_of_week=day_of_week,
-                ),
+                "schedule": retrain_crontab(settings.retrain_schedule),
                 "options": {"queue": TRAINING_QUEUE},
             }
         },

@@ -64,11 +64,13 @@ def _main(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the tables (PostgreSQL or SQLite)."""
+    from sqlalchemy.engine import make_url
+
     from shared.migrate import upgrade
 
     settings = get_settings()
     upgrade(settings.database_url)
-    console.print(f"schema up to date at {settings.database_url.split('@')[-1]}")
+    console.print(f"schema up to date at {make_url(settings.database_url).render_as_string(hide_password=True)}")
 
 
 @app.command()

@@ -143,20 +143,9 @@ class Settings(BaseSettings):
     @classmethod
     def _schedule_is_cron(cls, value: str) -> str:
         # Every process builds the beat schedule from this (shared/celery_app.py): refuse a bad one here.
-        from celery.schedules import crontab
+        from shared.schedule import retrain_crontab
 
-        fields = value.split()
-        if len(fields) != 5:
-            raise ValueError(
-                "STILLTAG_RETRAIN_SCHEDULE must be five cron fields (minute hour day-of-month month "
-                f"day-of-week), e.g. '0 3 1 * *' for 03:00 on the 1st of each month; got {value!r}"
-            )
-        try:
-            minute, hour, day_of_month, month_of_year, day_of_week = fields
-            crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
-                    day_of_week=day_of_week)
-        except ValueError as exc:
-            raise ValueError(f"STILLTAG_RETRAIN_SCHEDULE {value!r} is not a valid cron schedule: {exc}") from None
+        retrain_crontab(value)
         return value
 
     @field_validator("device")

@@ -1,8 +1,9 @@
 """Database schema, engines and sessions.
 
 The tables are created by migrations (``stilltag db upgrade``), never by ``create_all``; the
-metadata here is what the migrations are checked against. The same code runs on PostgreSQL and
-SQLite.
+metadata here is what the migrations are checked against: alembic's ``compare_metadata``
+between the migrated schema and this metadata must find nothing, on PostgreSQL and SQLite
+(tests/integration/test_persist.py). The same code runs on both.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ tag_suggestions = sa.Table(
     sa.Column("model_version", sa.String(64), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.UniqueConstraint("image_id", "model_version", "tag", name="uq_tag_suggestions_image_version_tag"),
+    sa.Index("ix_tag_suggestions_image_id", "image_id"),  # the website reads an image's suggestions
 )
 
 tagging_status = sa.Table(

@@ -29,13 +29,14 @@ def _no_stilltag_env(monkeypatch):
 def pg_database():
     """A fresh, empty PostgreSQL database, dropped afterwards."""
     import psycopg
+    from sqlalchemy.engine import make_url
 
     name = f"stilltag_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
     try:
-        yield f"{base}/{name}"
+        yield url.render_as_string(hide_password=False)
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from shared.config import Settings
 from shared.errors import UserError
+from shared.learner_parts import Example  # pickled with exported learners, so it lives in shared
 
 HASH_BUCKETS = 10_000  # the hash rule splits at 0.01 % granularity
 FETCH_ROWS = 10_000  # rows streamed from the database at a time
@@ -35,12 +36,6 @@ MANY_TAGS_COLUMN = "tags"
 
 class DatasetError(UserError):
     """The query or its rows cannot make a training set; the message says what to change."""
-
-
-@dataclass(frozen=True)
-class Example:
-    image_id: int
-    tags: tuple[str, ...]
 
 
 @dataclass
@@ -58,9 +53,6 @@ class Dataset:
     @property
     def size(self) -> int:
         return len(self.train) + len(self.valid) + len(self.holdout)
-
-    def tag_counts(self) -> Counter:
-        return Counter(t for part in (self.train, self.valid, self.holdout) for ex in part for t in ex.tags)
 
 
 def hash_bucket(seed: str, image_id: int, salt: str = "") -> int:

@@ -1,6 +1,6 @@
 """Judging a model on the fixed holdout: F2 averaged over samples at the threshold, and per tag.
 
-The scores are plain numpy on ``(images, tags)`` arrays so they can be checked without a model;
+The scores are scikit-learn's on ``(images, tags)`` arrays so they can be checked without a model;
 ``predict`` is the one function that needs the learner.
 """
 
@@ -54,46 +54,35 @@ def targets(examples: list[Example], vocab: list[str]) -> np.ndarray:
     return out
 
 
-def _fbeta(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, beta: float) -> np.ndarray:
-    b2 = beta * beta
-    denom = (1 + b2) * tp + b2 * fn + fp
-    return np.divide((1 + b2) * tp, denom, out=np.zeros(tp.shape, dtype=float), where=denom > 0)
-
-
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    return np.divide(num, den, out=np.zeros(num.shape, dtype=float), where=den > 0)
-
-
 def score(probs: np.ndarray, truth: np.ndarray, vocab: list[str], *, threshold: float, beta: float = BETA) -> Evaluation:
     """Scores of probabilities ``(images, tags)`` against 0/1 ``truth`` at ``threshold``.
 
-    An undefined ratio (no tag predicted, a tag with no support) counts as 0, as sklearn's
-    ``zero_division=0`` does.
+    Precision, recall and F-beta are scikit-learn's (``average="samples"`` for the totals, per
+    tag for the table). An undefined ratio (no tag predicted, a tag with no support) counts as 0
+    (``zero_division=0``).
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     probs = np.asarray(probs, dtype=float)
     truth = np.asarray(truth).astype(bool)
     if probs.shape != truth.shape or probs.ndim != 2 or probs.shape[1] != len(vocab):
         raise ValueError(f"probabilities {probs.shape}, truth {truth.shape} and {len(vocab)} tags do not match")
-    pred = probs >= threshold
-    tp = pred & truth
-    fp = pred & ~truth
-    fn = ~pred & truth
     n = probs.shape[0]
     if n == 0:
         return Evaluation(0.0, 0.0, 0.0, 0.0, threshold, 0, [])
-    s_tp, s_fp, s_fn = (m.sum(axis=1).astype(float) for m in (tp, fp, fn))
-    t_tp, t_fp, t_fn = (m.sum(axis=0).astype(float) for m in (tp, fp, fn))
-    per_tag_f = _fbeta(t_tp, t_fp, t_fn, beta)
-    t_p, t_r = _ratio(t_tp, t_tp + t_fp), _ratio(t_tp, t_tp + t_fn)
-    support = truth.sum(axis=0)
+    pred = probs >= threshold
+    precision, recall, f2, _ = precision_recall_fscore_support(truth, pred, beta=beta, average="samples",
+                                                               zero_division=0)
+    tag_p, tag_r, tag_f, support = precision_recall_fscore_support(truth, pred, beta=beta, average=None,
+                                                                   zero_division=0)
     per_tag = [
-        TagScore(tag, float(t_p[i]), float(t_r[i]), float(per_tag_f[i]), int(support[i])) for i, tag in enumerate(vocab)
+        TagScore(tag, float(tag_p[i]), float(tag_r[i]), float(tag_f[i]), int(support[i])) for i, tag in enumerate(vocab)
     ]
     return Evaluation(
-        f2=float(_fbeta(s_tp, s_fp, s_fn, beta).mean()),
-        accuracy=float((pred == truth).mean()),
-        precision=float(_ratio(s_tp, s_tp + s_fp).mean()),
-        recall=float(_ratio(s_tp, s_tp + s_fn).mean()),
+        f2=float(f2),
+        accuracy=float((pred == truth).mean()),  # fastai's accuracy_multi, not sklearn's subset accuracy
+        precision=float(precision),
+        recall=float(recall),
         threshold=threshold,
         n_images=n,
         per_tag=per_tag,

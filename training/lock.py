@@ -23,7 +23,6 @@ from shared.constants import RETRAIN_LOCK_FILE, RETRAIN_LOCK_KEY
 log = logging.getLogger(__name__)
 
 LOCK_TTL_S = 600  # a dead holder's Redis lock frees itself after 10 minutes
-RENEW_EVERY_S = LOCK_TTL_S / 5
 
 
 class RetrainBusy(RuntimeError):
@@ -53,7 +52,7 @@ def redis_lock(url: str, *, key: str = RETRAIN_LOCK_KEY, ttl_s: float = LOCK_TTL
         stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(ttl_s / 5):
+            while not stop.wait(ttl_s / 5):  # five chances to renew before it expires
                 try:
                     lock.reacquire()
                 except LockError:

@@ -8,8 +8,9 @@ validation loss is kept and training stops early when it stops improving; mixed 
 GPU; ``export()``.
 
 The exported learner is a pickle that the tagging worker loads in another process, so every
-function and class it references (``ImageFromStore``, ``example_tags``) lives at module level
-here. fastai and torch are imported inside functions, never when this module is imported.
+function and class it references (``ImageFromStore``, ``example_tags``, ``Example``) lives in
+``shared.learner_parts``, a small module that refactors here cannot move. fastai and torch are
+imported inside functions, never when this module is imported.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from shared.config import Settings
-from training.dataset import Dataset, Example
+from shared.learner_parts import ImageFromStore, example_tags
+from training.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -37,49 +39,7 @@ LR_FIND_MIN_IT = 20
 UNFROZEN_LR_DIVISOR = 5  # the seed's slice(lo, lr / 5) after unfreeze()
 LR_MULT = 100  # fastai's fine_tune spread between the first and last layer groups
 BEST_MODEL_NAME = "best"
-PLACEHOLDER_SIZE_PX = 32
 METRIC_NAMES = {"fbeta_score": "f2"}  # fastai names the F2 metric after sklearn's function
-
-
-class ImageFromStore:
-    """``get_x``: a training example (or an image ID) → its picture, read through the image store.
-
-    It is pickled with the exported learner, so it keeps only the store's configuration; the
-    store itself (threads, S3 client) is made on first use in whichever process uses it.
-    """
-
-    def __init__(self, image_url: str, *, endpoint_url: str = "", max_bytes: int | None = None):
-        self.image_url = image_url
-        self.endpoint_url = endpoint_url
-        self.max_bytes = max_bytes
-        self._source = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_source": None}
-
-    def __call__(self, item):
-        from fastai.vision.all import PILImage
-        from PIL import Image
-
-        image_id = item.image_id if isinstance(item, Example) else int(item)
-        try:
-            if self._source is None:
-                from shared.stores import ImageSource
-
-                self._source = ImageSource(self.image_url, endpoint_url=self.endpoint_url, concurrency=1,
-                                           max_bytes=self.max_bytes)
-            img = PILImage.create(self._source.fetch(image_id))
-            img.load()
-            return img.convert("RGB") if img.mode != "RGB" else img
-        except Exception as exc:
-            # One unreadable picture must not fail hours of training: a blank stands in for it.
-            log.warning("image %s cannot be read (%s); a blank picture stands in for it", image_id, exc)
-            return PILImage(Image.new("RGB", (PLACEHOLDER_SIZE_PX, PLACEHOLDER_SIZE_PX), (128, 128, 128)))
-
-
-def example_tags(item):
-    """``get_y``: the example's tags (no annotations: fastai would dispatch and cast on them)."""
-    return list(item.tags)
 
 
 def resolve_arch(name: str):

@@ -37,14 +37,10 @@ def resolve_device(name: str) -> str:
 
 
 def _load(path: Path, device: str):
-    import warnings
+    # The caller has checked the sha256 already. load_learner finds names that moved since export.
+    from shared.learner_pickle import load_learner
 
-    from fastai.learner import load_learner
-
-    with warnings.catch_warnings():
-        # fastai warns that unpickling is unsafe; the caller has checked the sha256 already.
-        warnings.simplefilter("ignore")
-        return load_learner(path, cpu=device == "cpu")
+    return load_learner(path, cpu=device == "cpu")
 
 
 def _arch_name(learn) -> str:

@@ -86,3 +86,48 @@ def test_select_tags_threshold_and_top_k():
     assert [t for t, _ in select_tags(probs, vocab, threshold=0.2, top_k=10)] == ["b", "d", "c"]
     assert [t for t, _ in select_tags(probs, vocab, threshold=0.2, top_k=2)] == ["b", "d"]
     assert select_tags(probs, vocab, threshold=0.95, top_k=10) == []
+
+
+def test_the_migrations_build_the_schema_the_metadata_describes(db_url):
+    # shared/db.py's metadata is what the code queries; the migrations are what production runs.
+    # alembic's autogenerate compare finds any table, column, type, index or constraint in one only.
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from shared.db import metadata
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            drift = compare_metadata(context, metadata)
+    finally:
+        engine.dispose()
+    assert drift == [], f"shared/db.py and shared/migrations disagree: {drift}"
+
+
+def test_upgrade_makes_the_folder_of_any_sqlite_url(tmp_path):
+    path = tmp_path / "new" / "folder" / "stilltag.db"
+    upgrade(f"sqlite+pysqlite:///{path}")
+    assert "tagging_status" in sa.inspect(sa.create_engine(f"sqlite:///{path}")).get_table_names()
+
+
+def test_db_upgrade_names_the_database_without_its_password(pg_url, monkeypatch):
+    from sqlalchemy.engine import make_url
+    from typer.testing import CliRunner
+
+    from shared.cli import app
+    from shared.config import get_settings
+
+    url = make_url(pg_url).set(password="s3cret")  # trust auth: the server ignores it
+    monkeypatch.setenv("STILLTAG_DATABASE_URL", url.render_as_string(hide_password=False))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["db", "upgrade"], catch_exceptions=False)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "s3cret" not in out
+    assert f"postgresql+psycopg://{url.username}:***@{url.host}:{url.port}/{url.database}" in out

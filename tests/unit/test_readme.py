@@ -123,34 +123,37 @@ def test_commands_table_names_real_commands():
     assert not missing, f"README.md's Commands table names commands that do not exist: {missing}"
 
 
+def ruby_literal(source: str, names: dict) -> object:
+    """Evaluate a Ruby hash/array literal of the README's snippet as Python, with ``names`` bound.
+
+    Only what the snippet uses is translated: ``key:`` symbol keys, ``nil``, ``"#{var}"``
+    interpolation, and ``Base64.strict_encode64(JSON.generate(x))`` / ``SecureRandom.uuid`` calls.
+    """
+    py = source.replace("Base64.strict_encode64(JSON.generate(", "_b64json((").replace("SecureRandom.uuid", "_uuid()")
+    py = re.sub(r"#\{(\w+)\}", r'" + str(\1) + "', py)
+    py = re.sub(r'(?<![\w"])(\w+): ', r'"\1": ', py)  # symbol keys; "content-type": is already a string
+    py = re.sub(r"\bnil\b", "None", py)
+    scope = {"_b64json": lambda x: base64.b64encode(json.dumps(x).encode()).decode(), "_uuid": lambda: str(uuid.uuid4())}
+    return eval(py, scope, dict(names))  # noqa: S307 - our own README, translated above
+
+
 def test_ruby_enqueue_builds_the_envelope_workers_accept():
     ruby = code_blocks(section("The contract with the website"), "ruby")[0]
-    for needed in (
-        '"content-type": "application/json"', '"content-encoding": "utf-8"', f'task: "{TAG_TASK}"',
-        "id: task_id", "delivery_tag: SecureRandom.uuid", 'delivery_info: { exchange: "", routing_key: queue }',
-        'body_encoding: "base64"', "Base64.strict_encode64(JSON.generate(body))",
-        "[[image_id], {}, { callbacks: nil, errbacks: nil, chain: nil, chord: nil }]",
-        "redis.lpush(queue, JSON.generate(message))", f'queue: "{TAGGING_QUEUE}"', f'queue: "{BACKFILL_QUEUE}"',
-    ):
-        assert needed in ruby, f"the Ruby snippet lost {needed!r}"
-    # The same envelope, built in Python, passes the workers' checks.
+    body_src = re.search(r"^ *body = (\[.*\])$", ruby, flags=re.M)[1]
+    message_src = re.search(r"^( *)message = (\{.*?^\1\})", ruby, flags=re.M | re.S)[2]
+    assert "redis.lpush(queue, JSON.generate(message))" in ruby, "the Ruby snippet no longer pushes the message"
+    assert re.search(rf'def stilltag_enqueue\(redis, image_id, queue: "{TAGGING_QUEUE}"\)', ruby)
+    assert f'queue: "{BACKFILL_QUEUE}"' in ruby
+    # The envelope the Ruby code builds, evaluated: the workers' own checks accept it.
     task_id = str(uuid.uuid4())
-    body = [[42], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    message = {
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
-        "content-type": "application/json",
-        "content-encoding": "utf-8",
-        "headers": {"lang": "py", "task": TAG_TASK, "id": task_id, "root_id": task_id, "parent_id": None,
-                    "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": "(42,)",
-                    "kwargsrepr": "{}"},
-        "properties": {"correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
-                       "delivery_tag": str(uuid.uuid4()),
-                       "delivery_info": {"exchange": "", "routing_key": TAGGING_QUEUE},
-                       "priority": 0, "body_encoding": "base64"},
-    }
-    envelope, reason = check_envelope(json.dumps(message))
-    assert reason is None
-    assert parse_tag_request(envelope["headers"]["task"], decode_body(envelope)) == 42
+    body = ruby_literal(body_src, {"image_id": 42})
+    for queue in (TAGGING_QUEUE, BACKFILL_QUEUE):
+        message = ruby_literal(message_src, {"image_id": 42, "task_id": task_id, "queue": queue, "body": body})
+        envelope, reason = check_envelope(json.dumps(message))
+        assert reason is None, f"the README's Ruby envelope is refused: {reason}"
+        assert (envelope["headers"]["task"], envelope["headers"]["id"]) == (TAG_TASK, task_id)
+        assert envelope["properties"]["delivery_info"]["routing_key"] == queue
+        assert parse_tag_request(envelope["headers"]["task"], decode_body(envelope)) == 42
 
 
 def test_ruby_subscriber_listens_on_the_channel():
@@ -158,6 +161,26 @@ def test_ruby_subscriber_listens_on_the_channel():
     assert f'subscribe("{TAGGED_CHANNEL}")' in ruby
 
 
-@pytest.mark.parametrize("title", ["Retraining", "Delivery guarantees and bad messages", "Benchmarks", "Demo output"])
+def test_retraining_section_states_the_real_defaults():
+    from training.lock import LOCK_TTL_S
+
+    text = " ".join(section("Retraining").split())
+    defaults = Settings.model_fields
+    assert f"The default, `{defaults['retrain_schedule'].default}`, means 03:00" in text
+    assert f"({defaults['holdout_pct'].default} % by default)" in text
+    assert f"`STILLTAG_TRAIN_ARCH` ({defaults['train_arch'].default})" in text
+    assert f"`STILLTAG_GATE_TOLERANCE` (default {defaults['gate_tolerance'].default:g})" in text
+    assert f"expires within {LOCK_TTL_S // 60} minutes" in text
+    assert f"F2 (samples-averaged, at `STILLTAG_THRESHOLD`)" in text
+
+
+def test_delivery_section_states_the_real_defaults():
+    text = " ".join(section("Delivery guarantees and bad messages").split())
+    defaults = Settings.model_fields
+    timeout_s, interval_s = defaults["visibility_timeout_s"].default, defaults["restore_interval_s"].default
+    assert f"({timeout_s} s and {interval_s:g} s)" in text
+
+
+@pytest.mark.parametrize("title", ["Benchmarks", "Demo output"])
 def test_sections_exist(title):
-    section(title)
+    assert section(title).strip()

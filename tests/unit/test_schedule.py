@@ -9,6 +9,7 @@ from celery.beat import Scheduler
 
 from shared.celery_app import create_app
 from shared.constants import RETRAIN_TASK, TRAINING_QUEUE
+from shared.schedule import retrain_crontab
 
 ENTRY = "retrain-on-schedule"
 
@@ -45,10 +46,22 @@ def test_fields_are_in_cron_order(make_settings):
     assert cron.month_of_year == {6} and cron.day_of_week == {1, 2, 3, 4, 5}
 
 
+def test_validation_and_beat_read_the_schedule_through_one_parser(make_settings):
+    value = " 30\t4  * * mon,fri "  # any whitespace between the fields, as cron allows
+    settings = make_settings(retrain_schedule=value)
+    assert beat_entry(settings).schedule == retrain_crontab(value)
+    cron = retrain_crontab(value)
+    assert (cron.minute, cron.hour, cron.day_of_week) == ({30}, {4}, {1, 5})
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("0 3 1 *", "five cron fields"),
+    ("0 3 1 * * 2025", "five cron fields"),
     ("0 25 1 * *", "not a valid cron schedule"),
     ("0 3 1 13 *", "not a valid cron schedule"),
+    ("0 3 32 * *", "not a valid cron schedule"),
+    ("*/0 3 1 * *", "not a valid cron schedule"),
+    ("0 3 1 * someday", "not a valid cron schedule"),
 ])
 def test_a_bad_schedule_is_refused_at_start(make_settings, value, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,49 @@
+"""Loading exported learners: a pickle module that finds names which have moved since export.
+
+fastai's ``load_learner`` (and ``torch.load``) take a ``pickle_module``; this module is one. Its
+``Unpickler`` maps the names an older export recorded to where they live now, so a model in
+the registry keeps loading after a refactor, in any process (a tagging worker need not be
+able to import ``training``). Add a line to ``MOVED`` whenever something a learner pickles
+moves; never remove one while such models may still be stored.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle as _pickle
+import warnings
+from pathlib import Path
+from pickle import *  # noqa: F401,F403 - the rest of the pickle module's API, as torch.load expects
+
+# (module, name) recorded by an older export -> (module, name) today
+MOVED: dict[tuple[str, str], tuple[str, str]] = {
+    ("training.recipe", "ImageFromStore"): ("shared.learner_parts", "ImageFromStore"),
+    ("training.recipe", "example_tags"): ("shared.learner_parts", "example_tags"),
+    ("training.dataset", "Example"): ("shared.learner_parts", "Example"),
+}
+
+
+class Unpickler(_pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        module, name = MOVED.get((module, name), (module, name))
+        return super().find_class(module, name)
+
+
+def load(file, **kwargs):
+    return Unpickler(file, **kwargs).load()
+
+
+def loads(data, /, **kwargs):
+    return Unpickler(io.BytesIO(data), **kwargs).load()
+
+
+def load_learner(path: Path | str, *, cpu: bool = True):
+    """fastai's ``load_learner`` through this module. Unpickles: trusted (sha256-checked) files only."""
+    import sys
+
+    from fastai.learner import load_learner as fastai_load_learner
+
+    with warnings.catch_warnings():
+        # fastai warns that unpickling is unsafe; callers load only files whose sha256 they checked.
+        warnings.simplefilter("ignore")
+        return fastai_load_learner(path, cpu=cpu, pickle_module=sys.modules[__name__])
