@@ -13,6 +13,7 @@ import logging
 import time
 from time import monotonic
 
+from kombu import Connection
 from kombu.transport import redis as kombu_redis
 from prometheus_client import Counter
 from kombu.utils.encoding import bytes_to_str
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 GUARDED_REDIS_TRANSPORT = "shared.broker:GuardedRedisTransport"
 UNACKED_MUTEX_EXPIRE_S = 10  # longest a sweep's lock outlives a killed holder
 BROKER_SOCKET_TIMEOUT_S = 10  # a Redis command (not a blocking pop) never takes this long
+RECONNECT_INTERVAL_S = (0.5, 2.0)  # first and longest pause between attempts to reach a lost broker
 BROKER_HEALTH_CHECK_S = 10  # redis-py PINGs a connection idle this long before using it
 
 PARKED = Counter("stilltag_parked", "Malformed messages parked on stilltag:parked, by reason.", ["reason"])
@@ -53,6 +55,21 @@ def park(client, *, queue: str, raw: bytes | str, reason: str) -> None:
         client.pipeline().lpush(PARKED_KEY, record).ltrim(PARKED_KEY, 0, PARKED_MAX_LEN - 1).execute()
     except Exception:  # parking is best effort; the error log above already has it
         log.exception("could not write the parked message to Redis")
+
+
+class QuickRetryConnection(Connection):
+    """kombu's Connection, retrying a lost broker every 0.5 s, backing off to 2 s at most.
+
+    Celery's worker reconnects through ``ensure_connection`` with kombu's defaults (2 s, growing
+    by 2 s up to 30 s), so after a long Redis outage its remote control, heartbeats and the
+    training worker's task consumer came back up to 30 s after Redis did.
+    """
+
+    def ensure_connection(self, *args, **kwargs):
+        kwargs.setdefault("interval_start", RECONNECT_INTERVAL_S[0])
+        kwargs.setdefault("interval_step", RECONNECT_INTERVAL_S[0])
+        kwargs.setdefault("interval_max", RECONNECT_INTERVAL_S[1])
+        return super().ensure_connection(*args, **kwargs)
 
 
 class GuardedRedisChannel(kombu_redis.Channel):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Queue
 
-from shared.broker import transport_class, transport_options
+from shared.broker import QuickRetryConnection, transport_class, transport_options
 from shared.config import Settings, get_settings
 from shared.constants import BACKFILL_QUEUE, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.schedule import retrain_crontab
@@ -21,6 +21,7 @@ def celery_config(settings: Settings) -> dict:
         "broker_transport": transport_class(settings),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # a worker waits for the broker forever, never gives up
         "task_queues": [Queue(TAGGING_QUEUE), Queue(BACKFILL_QUEUE), Queue(TRAINING_QUEUE)],
         "task_default_queue": TAGGING_QUEUE,
         "task_routes": {TAG_TASK: {"queue": TAGGING_QUEUE}, RETRAIN_TASK: {"queue": TRAINING_QUEUE}},
@@ -46,6 +47,7 @@ def celery_config(settings: Settings) -> dict:
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (the process's settings when None), with stilltag's tasks."""
     app = Celery("stilltag", set_as_current=False)
+    app.amqp.Connection = QuickRetryConnection  # every connection the app makes: reconnect within 2 s
     if settings is None:
         app.add_defaults(lambda: celery_config(get_settings()))
     else:

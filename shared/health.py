@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
 from shared.constants import BACKFILL_QUEUE, TAGGING_QUEUE, TRAINING_QUEUE
+from shared.errors import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,13 @@ class HealthServer:
     def __init__(self, port: int, *, live: Check = always_ok, ready: Check = always_ok, host: str = "0.0.0.0"):
         self.live, self.ready = live, ready
         self._metrics = make_wsgi_app(REGISTRY)
-        self._server = make_server(host, port, self._app, ThreadingWSGIServer, handler_class=_SilentHandler)
+        try:
+            self._server = make_server(host, port, self._app, ThreadingWSGIServer, handler_class=_SilentHandler)
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot serve health and metrics on port {port} (STILLTAG_METRICS_PORT): {exc.strerror}; "
+                "give each worker process on a host its own port, or 0 to turn it off"
+            ) from None
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
 
@@ -73,11 +80,9 @@ class HealthServer:
         self._server.server_close()
 
 
-def serve(port: int, *, live: Check = always_ok, ready: Check = always_ok) -> HealthServer | None:
-    """Start the server on ``port``, or nothing when it is 0."""
-    if not port:
-        return None
-    return HealthServer(port, live=live, ready=ready).start()
+def bind(port: int, *, live: Check = always_ok, ready: Check = always_ok) -> HealthServer | None:
+    """Take the port now (a clash is a one-line error before anything starts); ``start()`` it later."""
+    return HealthServer(port, live=live, ready=ready) if port else None
 
 
 def redis_check(client, what: str) -> Check:

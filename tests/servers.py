@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from glob import glob
@@ -86,13 +87,15 @@ class PrivatePostgres:
     """A throw-away PostgreSQL cluster (``initdb`` + ``pg_ctl``), run as the ``postgres`` user
     when the test runs as root (PostgreSQL refuses root)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self):
         bins = sorted(glob("/usr/lib/postgresql/*/bin/initdb"))
         if not bins and not shutil.which("initdb"):
             raise RuntimeError("PostgreSQL's initdb is not installed (Debian: postgresql)")
         self.bin = Path(bins[-1]).parent if bins else Path(shutil.which("initdb")).parent
-        self.folder = folder
-        self.data = folder / "data"
+        # Its own folder in the system's temporary folder, which the postgres user can reach
+        # (pytest's folders are private to the user running the tests).
+        self.folder = Path(tempfile.mkdtemp(prefix="stilltag-pg-"))
+        self.data = self.folder / "data"
         self.port = free_port()
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
@@ -102,13 +105,8 @@ class PrivatePostgres:
 
     def start(self) -> "PrivatePostgres":
         if not self.data.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
                 user = pwd.getpwnam("postgres")
-                for path in (self.folder, *self.folder.parents):
-                    if path == Path("/") or path.stat().st_mode & 0o001:
-                        break
-                    path.chmod(path.stat().st_mode | 0o011)  # let postgres reach its folder
                 os.chown(self.folder, user.pw_uid, user.pw_gid)
             self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.folder / "postgres.log"), "-w",
@@ -118,6 +116,10 @@ class PrivatePostgres:
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class TcpProxy:

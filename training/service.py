@@ -179,7 +179,9 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO", hostname: st
         pool="solo", concurrency=1, queues=[TRAINING_QUEUE], loglevel=loglevel,
         hostname=host_format(hostname or f"training.{os.getpid()}@%h"), without_mingle=True, without_gossip=True,
     )
-    server = _serve_health(settings)
+    server = _health_server(settings)
+    if server is not None:
+        server.start()
     try:
         worker.start()
     finally:
@@ -188,9 +190,9 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO", hostname: st
     return worker.exitcode or 0
 
 
-def _serve_health(settings: Settings):
+def _health_server(settings: Settings):
     """/livez (the process answers), /readyz (database and broker answer) and /metrics."""
-    from shared.health import all_of, database_check, redis_check, redis_client, register_queue_lengths, serve
+    from shared.health import all_of, bind, database_check, redis_check, redis_client, register_queue_lengths
     from training import metrics  # noqa: F401  (registers the retrain metrics before the first scrape)
 
     rt = Runtime(settings)
@@ -199,4 +201,4 @@ def _serve_health(settings: Settings):
         client = redis_client(settings.broker_url)
         register_queue_lengths(client)
         checks.append(redis_check(client, "the broker (STILLTAG_BROKER_URL)"))
-    return serve(settings.metrics_port, ready=all_of(*checks))
+    return bind(settings.metrics_port, ready=all_of(*checks))

@@ -29,7 +29,7 @@ from celery.utils.nodenames import host_format
 from celery.worker import state as worker_state
 
 from shared.config import Settings
-from shared.health import all_of, database_check, redis_check, redis_client, register_queue_lengths, serve
+from shared.health import all_of, bind, database_check, redis_check, redis_client, register_queue_lengths
 from worker.consumer import BatchConsumer
 from worker.health import Liveness, Watchdog, queue_depth
 from worker.service import Tagger
@@ -43,29 +43,26 @@ class TaggingService:
     """The batching consumer, its health endpoints and its watchdog, inside one worker process."""
 
     def __init__(self, settings: Settings, queues: tuple[str, ...]):
+        """Make everything and take the health port; nothing runs until ``start()``."""
         self.settings = settings
         self.queues = queues
-        self.tagger: Tagger | None = None
-        self.consumer: BatchConsumer | None = None
-        self.server = None
-        self.watchdog: Watchdog | None = None
-        self._thread: threading.Thread | None = None
-        self._redis = None
+        self.tagger = Tagger(settings)
+        self.consumer = BatchConsumer(self.tagger, queues=queues)
+        self._redis = redis_client(settings.broker_url) if settings.broker_is_redis else None
+        # A batch may take as long as a message may wait unacknowledged, not longer.
+        self.liveness = Liveness(self.consumer, max_batch_s=settings.visibility_timeout_s)
+        self.server = bind(settings.metrics_port, live=self._live, ready=self._ready())
+        self.watchdog = Watchdog(self.liveness, queue_depth=queue_depth(self._redis, queues),
+                                 stall_exit_s=settings.stall_exit_s)
+        self._thread = threading.Thread(target=self._run, name="batch-consumer", daemon=True)
 
     def start(self) -> None:
-        settings = self.settings
-        self.tagger = Tagger(settings)
-        self.consumer = BatchConsumer(self.tagger, queues=self.queues)
-        self._redis = redis_client(settings.broker_url) if settings.broker_is_redis else None
         if self._redis is not None:
             register_queue_lengths(self._redis)
-        # A batch may take as long as a message may wait unacknowledged, not longer.
-        liveness = Liveness(self.consumer, max_batch_s=settings.visibility_timeout_s)
-        self.server = serve(settings.metrics_port, live=self._live(liveness), ready=self._ready())
-        self._thread = threading.Thread(target=self._run, name="batch-consumer", daemon=True)
+        if self.server is not None:
+            self.server.start()
         self._thread.start()
-        self.watchdog = Watchdog(liveness, queue_depth=queue_depth(self._redis, self.queues),
-                                 stall_exit_s=settings.stall_exit_s).start()
+        self.watchdog.start()
 
     def _run(self) -> None:
         try:
@@ -77,15 +74,12 @@ class TaggingService:
                          exc_info=not isinstance(exc, ValueError))
             worker_state.should_stop = FATAL_EXIT_CODE  # Celery's own way to ask its worker to exit
 
-    def _live(self, liveness: Liveness):
-        def check() -> tuple[bool, str]:
-            if self._thread is not None and not self._thread.is_alive() and not self.consumer.stop_event.is_set():
-                return False, "the tagging consumer thread has ended"
-            if not self.consumer.started.is_set():
-                return True, "starting (loading the model or waiting for the broker)"
-            return liveness.check()
-
-        return check
+    def _live(self) -> tuple[bool, str]:
+        if self._thread.ident is not None and not self._thread.is_alive() and not self.consumer.stop_event.is_set():
+            return False, "the tagging consumer thread has ended"
+        if not self.consumer.started.is_set():
+            return True, "starting (loading the model or waiting for the broker)"
+        return self.liveness.check()
 
     def _ready(self):
         checks = [self._model_loaded, database_check(self.tagger.runtime.engine)]
@@ -102,13 +96,10 @@ class TaggingService:
 
     def stop(self) -> None:
         """Finish the batch in the forward pass, return the rest, then release everything."""
-        if self.consumer is None:
-            return
         self.consumer.stop()
-        if self._thread is not None:
+        if self._thread.ident is not None:
             self._thread.join()
-        if self.watchdog is not None:
-            self.watchdog.stop()
+        self.watchdog.stop()
         self.tagger.close()
         if self.server is not None:
             self.server.stop()
@@ -153,13 +144,14 @@ def run_tagging_worker(settings: Settings, queues: tuple[str, ...], *, loglevel:
     """Run a tagging worker until it is shut down; returns its exit status."""
     from shared.celery_app import create_app
 
+    service = TaggingService(settings, queues)  # a port clash fails here, in one line
     app = create_app(settings)
     app.steps["worker"].add(TaggingStep)
     app.steps["consumer"].add(HoldTaskQueues)
     worker = app.Worker(
         pool="solo", concurrency=1, queues=list(queues), loglevel=loglevel,
         hostname=host_format(hostname or f"tagging.{os.getpid()}@%h"),
-        without_mingle=True, without_gossip=True, stilltag_service=TaggingService(settings, queues),
+        without_mingle=True, without_gossip=True, stilltag_service=service,
     )
     worker.start()
     return worker.exitcode or 0

@@ -30,9 +30,16 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from kombu import Connection, Queue
+from kombu import Queue
 
-from shared.broker import AtomicRedisTransport, park, transport_class, transport_options
+from shared.broker import (
+    RECONNECT_INTERVAL_S,
+    AtomicRedisTransport,
+    QuickRetryConnection,
+    park,
+    transport_class,
+    transport_options,
+)
 from shared.constants import ENQUEUED_AT_HEADER, TAGGING_QUEUES
 from shared.messages import BadMessage, parse_tag_request
 from worker import metrics
@@ -45,7 +52,6 @@ FAILED_BATCH_BACKOFF_S = (0.5, 30.0)  # first and longest pause after a batch th
 BUSY_POLL_S = 0.005  # how often an overdue batch looks for an idle inference thread
 BATCHES_IN_FLIGHT = 3  # gathering + waiting + in the forward pass: the prefetch window, in batches
 POP_REPLY_TIMEOUT_S = 5.0  # an atomic pop answers in milliseconds; no reply this long = a dead socket
-RECONNECT_INTERVAL_S = (0.5, 2.0)  # first and longest pause between connection attempts
 
 
 @dataclass
@@ -199,13 +205,13 @@ class BatchConsumer:
         left = self.batch.first_at + self.max_wait_s - time.monotonic()
         return left if left > 0.001 else BUSY_POLL_S  # overdue: look again soon for an idle inference thread
 
-    def _connection(self) -> Connection:
+    def _connection(self) -> QuickRetryConnection:
         redis_broker = self.settings.broker_scheme in ("redis", "rediss")
         transport = AtomicRedisTransport if redis_broker else transport_class(self.settings)
         options = transport_options(self.settings)
         if self.settings.broker_scheme == "filesystem":
             options["polling_interval"] = 0.01
-        return Connection(self.settings.broker_url, transport=transport, transport_options=options)
+        return QuickRetryConnection(self.settings.broker_url, transport=transport, transport_options=options)
 
     def _tick(self) -> None:
         self.last_tick = time.monotonic()
@@ -213,9 +219,7 @@ class BatchConsumer:
     def _consume(self) -> None:
         prefetch = self.settings.max_batch * BATCHES_IN_FLIGHT
         with self._connection() as conn:
-            conn.ensure_connection(max_retries=None, interval_start=RECONNECT_INTERVAL_S[0],
-                                   interval_step=RECONNECT_INTERVAL_S[0], interval_max=RECONNECT_INTERVAL_S[1],
-                                   callback=self._waiting_for_broker)
+            conn.ensure_connection(max_retries=None, callback=self._waiting_for_broker)
             consumer = conn.Consumer([Queue(q) for q in self.queues], on_message=self.on_message,
                                      accept=["json"], prefetch_count=prefetch)
             with consumer:
@@ -240,8 +244,16 @@ class BatchConsumer:
                 self._shutdown()
 
     def _waiting_for_broker(self) -> None:
+        """Between attempts to reach the broker: the batch in hand still goes to the forward pass
+        (the database may be up), and what finished is kept to acknowledge later."""
         self._tick()  # waiting for the broker is not a stuck loop: /readyz reports the broker
         self._ack_done_offline()
+        if self.batch.messages and self._inference_idle.is_set():
+            try:
+                self.ready.put_nowait(self.batch)
+                self.batch = Batch()
+            except queue.Full:
+                pass
         if self.stop_event.is_set():
             raise _Stop()
 
