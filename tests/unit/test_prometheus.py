@@ -91,8 +91,8 @@ def test_scraped_services_exist():
 # --- rules ------------------------------------------------------------------------------
 
 
-def registered_metric_names() -> set[str]:
-    """Every sample name the workers export, as Prometheus sees them (``_total``, ``_bucket``...)."""
+def exported_families() -> list:
+    """Every metric family the workers export (tagging, training, broker, queue lengths)."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.core import REGISTRY
 
@@ -116,11 +116,12 @@ def registered_metric_names() -> set[str]:
 
     extra = CollectorRegistry()
     extra.register(QueueLengthCollector(FakeRedis()))
-    names = {"up"}
-    for registry in (REGISTRY, extra):
-        for family in registry.collect():
-            names.update(sample.name for sample in family.samples)
-    return names
+    return [family for registry in (REGISTRY, extra) for family in registry.collect()]
+
+
+def registered_metric_names() -> set[str]:
+    """Every sample name, as Prometheus sees them (``_total``, ``_bucket``...), and ``up``."""
+    return {"up"} | {sample.name for family in exported_families() for sample in family.samples}
 
 
 def test_rules_use_metrics_the_workers_export():
@@ -152,3 +153,32 @@ def test_the_alerts_ops_asked_for():
     assert by_name["StilltagTaggingFailureRatio"]["for"] == "10m" and "> 0.05" in expr["StilltagTaggingFailureRatio"]
     assert "40 * 86400" in expr["StilltagNoRecentRetrain"]
     assert "stilltag_consumer_last_progress_timestamp_seconds" in expr["StilltagWorkerStuck"]
+
+
+def test_readme_lists_every_metric_and_alert():
+    readme = (ROOT / "README.md").read_text()
+    section = re.search(r"^## Operating the workers\n(.*?)(?=^## |\Z)", readme, flags=re.M | re.S)
+    assert section, "README.md has no '## Operating the workers' section"
+    documented = set(re.findall(r"^\| `(stilltag_[a-z_]+)` \|", section[1], flags=re.M))
+    exported = {family.name + ("_total" if family.type == "counter" else "")
+                for family in exported_families() if family.name.startswith("stilltag_")}
+    assert documented == exported, (f"README's metrics table: missing {sorted(exported - documented)}, "
+                                    f"unknown {sorted(documented - exported)}")
+    alerts = set(re.findall(r"^\| `(Stilltag\w+)` \|", section[1], flags=re.M))
+    assert alerts == {rule["alert"] for rule in RULES}
+
+
+def test_readme_queries_parse(promtool, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"^## Operating the workers\n.*?^```promql\n(.*?)^```", readme, flags=re.M | re.S)
+    assert block, "README's Operating section has no promql block"
+    queries = [line.split("#")[0].strip() for line in block[1].splitlines() if line.strip()]
+    assert len(queries) >= 4
+    rules = {"groups": [{"name": "readme", "rules": [{"record": f"readme:query{i}", "expr": q}
+                                                     for i, q in enumerate(queries)]}]}
+    (tmp_path / "readme.yml").write_text(yaml.safe_dump(rules))
+    done = subprocess.run([promtool, "check", "rules", str(tmp_path / "readme.yml")], capture_output=True, text=True,
+                          timeout=PROMTOOL_TIMEOUT_S)
+    assert done.returncode == 0, done.stdout + done.stderr
+    used = {name for q in queries for name in re.findall(r"\bstilltag_[a-z_]+\b", q)}
+    assert used <= registered_metric_names(), sorted(used - registered_metric_names())
