@@ -2,7 +2,8 @@
 
 ``docker compose up --scale tagging-worker=N`` reserves "one GPU" per replica, but Docker on a
 single host hands every replica the same (first) GPU. This override replaces the scalable
-service with one service per GPU, each pinned by device ID:
+service with one service per GPU, each pinned by device ID and reachable under the base
+service's name too, so that Prometheus's DNS discovery of ``tagging-worker`` finds them all:
 
     uv run python scripts/gpu_workers.py 4 > docker-compose.gpus.yml
     docker compose -f docker-compose.yml -f docker-compose.gpus.yml up -d --build
@@ -30,6 +31,7 @@ def override(gpu_ids: list[str], compose_file: Path = COMPOSE_FILE) -> dict:
         service["deploy"]["resources"]["reservations"]["devices"] = [
             {"driver": "nvidia", "device_ids": [gpu_id], "capabilities": ["gpu"]}
         ]
+        service["networks"] = {"default": {"aliases": [BASE_SERVICE]}}  # prometheus/prometheus.yml
         services[f"{BASE_SERVICE}-gpu{gpu_id}"] = service
     return {"services": services}
 

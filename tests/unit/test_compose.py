@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -294,3 +295,130 @@ def test_gpu_override_pins_one_gpu_per_worker():
     base = SERVICES["tagging-worker"]
     for service in list(services.values())[1:]:
         assert service["command"] == base["command"] and service["environment"] == base["environment"]
+
+
+# --- worker health, restarts, Prometheus ---------------------------------------------------
+
+WORKERS = ("tagging-worker", "training-worker")
+_DURATION = re.compile(r"(\d+)(h|m|s)")
+
+
+def seconds(duration: str) -> int:
+    """A compose duration such as ``90s`` or ``1m30s``, in seconds."""
+    parts = _DURATION.findall(duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"not a duration: {duration!r}"
+    return sum(int(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def metrics_port() -> int:
+    """The workers' STILLTAG_METRICS_PORT, as compose sets it (the same for every worker)."""
+    ports = {environment(SERVICES[name]).get(f"{ENV_PREFIX}METRICS_PORT") for name in WORKERS}
+    assert len(ports) == 1 and None not in ports, f"set STILLTAG_METRICS_PORT for the workers: {ports}"
+    port = int(ports.pop())
+    assert port > 0, "STILLTAG_METRICS_PORT=0 turns the health endpoints off"
+    return port
+
+
+def probe_code(service: dict) -> str:
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], "the image has no curl: probe with python -c"
+    return test[3]
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_probe_livez_on_the_metrics_port(name):
+    url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", probe_code(SERVICES[name]))
+    assert url, "the health check requests a URL on the container's loopback"
+    assert int(url[1]) == metrics_port()
+    # /livez: what a restart can fix. /readyz fails while the database or broker is down,
+    # and restarting every worker for that only reloads the model (docker-compose.yml).
+    assert url[2] == "/livez"
+
+
+def test_health_check_fails_on_503_and_passes_on_200():
+    """The probe itself: urlopen raises on 503, so the command exits non-zero."""
+    from shared.health import HealthServer
+
+    verdict = {"ok": True}
+    server = HealthServer(0, live=lambda: (verdict["ok"], "test"), host="127.0.0.1").start()
+    try:
+        code = probe_code(SERVICES["tagging-worker"]).replace(f":{metrics_port()}/", f":{server.port}/")
+
+        def probe() -> int:
+            return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode
+
+        assert probe() == 0
+        verdict["ok"] = False
+        assert probe() != 0
+    finally:
+        server.stop()
+
+
+def test_worker_health_checks_allow_for_model_loading():
+    for name in WORKERS:
+        check = SERVICES[name]["healthcheck"]
+        assert seconds(check["timeout"]) < seconds(check["interval"]), name
+        assert check["retries"] >= 2, f"{name}: one slow answer must not mark it unhealthy"
+    # resnet152: fetch ~240 MB from MinIO, unpickle, move to the GPU.
+    assert seconds(SERVICES["tagging-worker"]["healthcheck"]["start_period"]) >= 120
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_are_restarted_after_any_exit(name):
+    # The stall watchdog exits with status 3 (worker/health.py): the policy must restart on a
+    # non-zero status, and keep doing so (no on-failure:N limit).
+    assert SERVICES[name]["restart"] in ("unless-stopped", "always", "on-failure")
+
+
+def prometheus_flags() -> dict[str, str]:
+    flags = {}
+    for arg in argv(SERVICES["prometheus"]["command"]):
+        key, _, value = arg.partition("=")
+        flags[key] = value
+    return flags
+
+
+def mounts(service: dict) -> dict[str, tuple[str, str]]:
+    """Container path → (source, mode) for the short volume syntax."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = str(volume).split(":")
+        found[target] = (source, mode[0] if mode else "rw")
+    return found
+
+
+def test_prometheus_loads_the_repository_config_and_rules_read_only():
+    flags = prometheus_flags()
+    config = Path(flags["--config.file"])
+    volumes = mounts(SERVICES["prometheus"])
+    source, mode = volumes[str(config.parent)]
+    assert mode == "ro"
+    folder = ROOT / source
+    assert folder.is_dir() and (folder / config.name).is_file(), f"{config} is not mounted from the repository"
+    rule_files = yaml.safe_load((folder / config.name).read_text())["rule_files"]
+    for rule_file in rule_files:
+        # Relative to the config file in the container, and in the mounted folder here.
+        assert not Path(rule_file).is_absolute(), rule_file
+        assert (folder / rule_file).is_file(), f"rule file {rule_file} is not in {source}"
+
+
+def test_prometheus_keeps_its_data_long_enough_for_the_retrain_alert():
+    flags = prometheus_flags()
+    source, _ = mounts(SERVICES["prometheus"])[flags["--storage.tsdb.path"]]
+    assert source in COMPOSE["volumes"], "Prometheus's data lives in a named volume"
+    retention = flags["--storage.tsdb.retention.time"]
+    assert retention.endswith("d") and int(retention[:-1]) > 40  # StilltagNoRecentRetrain looks 40 days back
+    assert SERVICES["prometheus"]["restart"] == "unless-stopped"
+
+
+def test_gpu_override_services_answer_to_the_scaled_name():
+    """Prometheus finds tagging workers by the name tagging-worker; the per-GPU services too."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        gpu_workers = importlib.import_module("gpu_workers")
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    services = gpu_workers.override(["0", "1"])["services"]
+    for name in ("tagging-worker-gpu0", "tagging-worker-gpu1"):
+        assert services[name]["networks"] == {"default": {"aliases": ["tagging-worker"]}}
+        assert services[name]["healthcheck"] == SERVICES["tagging-worker"]["healthcheck"]
