@@ -76,7 +76,8 @@ class HealthServer:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():  # shutdown() would wait forever for a server never started
+            self._server.shutdown()
         self._server.server_close()
 
 

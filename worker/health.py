@@ -15,6 +15,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from worker import metrics
+
 log = logging.getLogger(__name__)
 
 LIVENESS_STALL_S = 20.0  # no loop run, or no progress while work waits, this long: not alive
@@ -80,6 +82,7 @@ class Watchdog:
         # reported by /readyz, and restarting this worker would not help.
         self.liveness.waiting = self.queue_depth() or 0
         ok, reason = self.liveness.check()
+        metrics.LIVE.set(1 if ok else 0)
         now = self.clock()
         if ok:
             if self.failing_since is not None:

@@ -30,6 +30,7 @@ MODEL_INFO = Gauge("stilltag_model_info", "The model this worker tags with (valu
 MODEL_SWITCHES = Counter("stilltag_model_switches", "Switches to a new champion without a restart.")
 RECONNECTS = Counter("stilltag_broker_reconnects", "Broker connections lost and made again.")
 BATCH_FAILURES = Counter("stilltag_batch_failures", "Batches that did not commit (their messages went back).")
+LIVE = Gauge("stilltag_consumer_live", "1 while /livez passes, 0 while it fails (set by the watchdog every 5 s).")
 LAST_PROGRESS = Gauge("stilltag_consumer_last_progress_timestamp_seconds",
                       "When the consumer last took a message or committed a batch (Unix time).")
 
