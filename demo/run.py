@@ -21,7 +21,7 @@ from rich.table import Table
 from demo.synthetic import VOCAB, make_picture
 from shared import registry
 from shared.config import Settings
-from shared.constants import TAG_TASK, TAGGING_QUEUE
+from shared.constants import TAGGING_QUEUE
 from shared.db import image_tags, tag_suggestions, tagging_status, transaction
 from shared.migrate import upgrade
 from shared.runtime import Runtime
@@ -149,12 +149,9 @@ def run_demo(settings: Settings, console: Console | None = None) -> DemoResult:
             try:
                 with transaction(rt.sessions) as s:  # a second run waits for fresh results
                     s.execute(sa.delete(tagging_status).where(tagging_status.c.image_id.in_(list(HELD_OUT_IDS))))
-                from shared.celery_app import create_app
+                from shared.celery_app import enqueue_tag_requests
 
-                celery = create_app(settings)
-                with celery.producer_or_acquire() as producer:
-                    for image_id in HELD_OUT_IDS:
-                        celery.send_task(TAG_TASK, args=[image_id], queue=TAGGING_QUEUE, producer=producer)
+                enqueue_tag_requests(settings, HELD_OUT_IDS, queue=TAGGING_QUEUE)
                 waiting = progress.add_task("uploads tagged", total=len(HELD_OUT_IDS))
                 deadline = time.monotonic() + RESULTS_TIMEOUT_S
                 while True:

@@ -6,12 +6,14 @@ importing this module (``celery -A shared.celery_app flower``) touches nothing.
 
 from __future__ import annotations
 
+import time
+
 from celery import Celery
 from kombu import Queue
 
 from shared.broker import QuickRetryConnection, transport_class, transport_options
 from shared.config import Settings, get_settings
-from shared.constants import BACKFILL_QUEUE, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
+from shared.constants import BACKFILL_QUEUE, ENQUEUED_AT_HEADER, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.schedule import retrain_crontab
 
 
@@ -54,6 +56,19 @@ def create_app(settings: Settings | None = None) -> Celery:
         app.conf.update(celery_config(settings))
     register_tasks(app)
     return app
+
+
+def enqueue_tag_requests(settings: Settings, image_ids, *, queue: str = TAGGING_QUEUE) -> int:
+    """Send ``stilltag.tag`` for each image, as the website does, with the optional enqueue-time
+    header (``stilltag_enqueue_to_commit_seconds``). Returns how many were sent."""
+    app = create_app(settings)
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for image_id in image_ids:
+            app.send_task(TAG_TASK, args=[image_id], queue=queue, producer=producer,
+                          headers={ENQUEUED_AT_HEADER: time.time()})
+            sent += 1
+    return sent
 
 
 def register_tasks(app: Celery) -> None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.config import get_settings
-from shared.constants import BACKFILL_QUEUE, TAG_TASK, TAGGING_QUEUE
+from shared.constants import BACKFILL_QUEUE, TAGGING_QUEUE
 from shared.errors import UserError, report
 
 app = typer.Typer(help="stilltag: asynchronous image tagging with a preloaded fastai learner.", no_args_is_help=True)
@@ -81,12 +81,9 @@ def enqueue(
     """Enqueue images for tagging, exactly as the website does."""
     if queue not in (TAGGING_QUEUE, BACKFILL_QUEUE):
         raise typer.BadParameter(f"queue must be {TAGGING_QUEUE} or {BACKFILL_QUEUE}", param_hint="--queue")
-    from shared.celery_app import create_app
+    from shared.celery_app import enqueue_tag_requests
 
-    celery = create_app(get_settings())
-    with celery.producer_or_acquire() as producer:
-        for image_id in image_ids:
-            celery.send_task(TAG_TASK, args=[image_id], queue=queue, producer=producer)
+    enqueue_tag_requests(get_settings(), image_ids, queue=queue)
     console.print(f"enqueued {len(image_ids)} image(s) on {queue!r}")
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import time
 import uuid
 from pathlib import Path
 
@@ -127,13 +128,17 @@ def ruby_literal(source: str, names: dict) -> object:
     """Evaluate a Ruby hash/array literal of the README's snippet as Python, with ``names`` bound.
 
     Only what the snippet uses is translated: ``key:`` symbol keys, ``nil``, ``"#{var}"``
-    interpolation, and ``Base64.strict_encode64(JSON.generate(x))`` / ``SecureRandom.uuid`` calls.
+    interpolation, ``Base64.strict_encode64(JSON.generate(x))`` / ``SecureRandom.uuid`` /
+    ``Time.now.to_f`` calls, and end-of-line comments.
     """
+    source = re.sub(r"\s+#\s[^\n]*", "", source)  # comments ("#{" interpolation has no space after #)
+    source = source.replace("Time.now.to_f", "_now()")
     py = source.replace("Base64.strict_encode64(JSON.generate(", "_b64json((").replace("SecureRandom.uuid", "_uuid()")
     py = re.sub(r"#\{(\w+)\}", r'" + str(\1) + "', py)
     py = re.sub(r'(?<![\w"])(\w+): ', r'"\1": ', py)  # symbol keys; "content-type": is already a string
     py = re.sub(r"\bnil\b", "None", py)
-    scope = {"_b64json": lambda x: base64.b64encode(json.dumps(x).encode()).decode(), "_uuid": lambda: str(uuid.uuid4())}
+    scope = {"_b64json": lambda x: base64.b64encode(json.dumps(x).encode()).decode(), "_uuid": lambda: str(uuid.uuid4()),
+             "_now": time.time}
     return eval(py, scope, dict(names))  # noqa: S307 - our own README, translated above
 
 

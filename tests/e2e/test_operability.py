@@ -1,0 +1,191 @@
+"""A tagging worker as operators see it: Celery's own tools, Flower, events, health and metrics,
+and a graceful remote shutdown that returns what the worker holds."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import redis
+
+from demo.synthetic import make_picture
+from shared.config import Settings
+from tests.envelopes import tag_envelope
+from worker.process import WorkerProcess, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+TAGGER, TRAINER = "tagging1@ops", "training1@ops"
+
+
+def celery(env, *args: str, timeout: float = 60) -> str:
+    """The operator's own command: ``celery -A shared.celery_app ...``."""
+    done = subprocess.run([sys.executable, "-m", "celery", "-A", "shared.celery_app", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    return done.stdout + done.stderr
+
+
+def poll(check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.2)
+
+
+class Events:
+    """Celery's worker events, as Flower receives them."""
+
+    def __init__(self, broker_url: str, root):
+        from shared.celery_app import create_app
+
+        self.app = create_app(Settings(broker_url=broker_url, data_dir=root / "events"))
+        self.seen: list[tuple[str, str]] = []
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._receiver = None
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as conn:
+            self._receiver = self.app.events.Receiver(conn, handlers={"*": self._on_event})
+            self._ready.set()
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("type", "").startswith("worker-"):
+            self.seen.append((event["type"], event.get("hostname", "")))
+
+    def start(self) -> "Events":
+        self._thread.start()
+        self._ready.wait(30)
+        return self
+
+    def types_from(self, hostname: str) -> set[str]:
+        return {t for t, h in list(self.seen) if h == hostname}
+
+    def stop(self) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(10)
+
+
+def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
+    stack = stack_factory(max_batch=8, max_wait_ms=50)
+    broker = stack.settings_env["STILLTAG_BROKER_URL"]
+    events = Events(broker, tmp_path).start()
+    ids = list(range(1, 1041))
+    picture = make_picture(7, size=(320, 180)).jpeg()
+    for i in ids:
+        stack.put_image(i, picture)
+    tagger = WorkerProcess(stack.env, stack.root / "tagger.log", name=TAGGER).start()
+    trainer = WorkerProcess(stack.env, stack.root / "trainer.log", queues="training", name=TRAINER).start()
+    stack.workers += [tagger, trainer]
+    flower_port = free_port()
+    flower_log = open(stack.root / "flower.log", "w")
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "shared.celery_app", "flower",
+                               f"--port={flower_port}", "--address=127.0.0.1"], env=stack.env,
+                              stdout=flower_log, stderr=subprocess.STDOUT)
+    try:
+        tagger.wait_ready()
+        trainer.wait_ready()
+        assert tagger.probe("/livez")[0] == 200 and trainer.probe("/livez")[0] == 200
+
+        # Celery's own tools list both workers, each with its queues.
+        ping = celery(stack.env, "inspect", "ping", "--timeout", "5")
+        assert f"{TAGGER}: OK" in ping and f"{TRAINER}: OK" in ping, ping
+        queues = celery(stack.env, "inspect", "active_queues", "--timeout", "5", "--json")
+        by_node = json.loads(queues.strip().splitlines()[-1])
+        assert {q["name"] for q in by_node[TAGGER]} == {"tagging", "backfill"}
+        assert {q["name"] for q in by_node[TRAINER]} == {"training"}
+
+        # Tag something through Celery's client (it sets the enqueue-time header).
+        stack.cli("enqueue", *map(str, ids[:40]))
+        stack.wait_for(ids[:40])
+        metrics = tagger.probe("/metrics")[1]
+        print("metrics excerpt:\n" + "\n".join(
+            line for line in metrics.splitlines()
+            if line.startswith("stilltag_") and not line.startswith(("stilltag_queue_wait_seconds_bucket",
+                                                                      "stilltag_decode_seconds_bucket",
+                                                                      "stilltag_inference_seconds_bucket",
+                                                                      "stilltag_persist_seconds_bucket",
+                                                                      "stilltag_enqueue_to_commit_seconds_bucket",
+                                                                      "stilltag_batch_size_bucket"))
+            and "_created" not in line))
+        assert tagger.metric('stilltag_images_total{state="tagged"}') == 40
+        assert tagger.metric("stilltag_enqueue_to_commit_seconds_count") == 40
+        assert tagger.metric("stilltag_queue_wait_seconds_count") == 40
+        assert 'stilltag_model_info{arch="resnet18",device="cpu",version="v1"} 1.0' in metrics
+        assert 'stilltag_queue_length{queue="tagging"}' in metrics
+        assert 'stilltag_retrain_runs_total{outcome="failed"} 0.0' in trainer.probe("/metrics")[1]
+
+        # Flower sees the tagging worker online.
+        def flower_online():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{flower_port}/workers?json=1", timeout=5) as r:
+                    rows = json.loads(r.read())["data"]
+            except OSError:
+                return None
+            return {row["hostname"] for row in rows if row.get("status")} >= {TAGGER, TRAINER}
+
+        poll(flower_online, 60, "Flower shows both workers online")
+
+        # Heartbeats and worker-online were sent.
+        poll(lambda: {"worker-online", "worker-heartbeat"} <= events.types_from(TAGGER), 30,
+             "worker-online and heartbeat events from the tagging worker")
+
+        # Remote shutdown mid-work: the batch in the forward pass is finished and acknowledged,
+        # everything else the worker holds goes back to the queue at once.
+        client = redis.Redis.from_url(broker)
+        pipe = client.pipeline()
+        for i in ids[40:]:
+            pipe.lpush("backfill", json.dumps(tag_envelope(i, queue="backfill")))
+        pipe.execute()
+        received = tagger.metric("stilltag_messages_received_total")
+        poll(lambda: tagger.metric("stilltag_messages_received_total") >= received + 20, 60,
+             "the worker holds backfill messages")
+        celery(stack.env, "control", "shutdown", "--destination", TAGGER)
+        assert tagger.proc.wait(60) == 0
+        returned = int(re.search(r"(\d+) held message\(s\) returned to the queue", tagger.log()).group(1))
+        assert returned > 0, "the worker held nothing when it stopped: the test shows nothing"
+        held_left = client.hlen("unacked")
+        waiting = client.llen("backfill")
+        tagged = set(stack.statuses())
+        assert held_left == 0, "the stopped worker left messages unacknowledged (they would wait for the sweep)"
+        assert tagged | set(ids[:40]) == tagged
+        assert len(tagged & set(ids[40:])) + waiting == len(ids[40:]), "a message was lost or duplicated"
+        poll(lambda: "worker-offline" in events.types_from(TAGGER), 30, "a worker-offline event")
+        print(f"control shutdown: {len(tagged & set(ids[40:]))} backfill images committed, {waiting} returned "
+              "to the queue, 0 left unacknowledged")
+    finally:
+        events.stop()
+        flower.terminate()
+        flower.wait(30)
+        flower_log.close()
+
+
+def test_a_taken_metrics_port_stops_the_worker_with_one_line(stack_factory):
+    stack = stack_factory()
+    port = free_port()
+    blocker = socket.create_server(("0.0.0.0", port))
+    worker = WorkerProcess(stack.env, stack.root / "worker.log", metrics_port=port)
+    try:
+        worker.start()
+        assert worker.proc.wait(timeout=180) == 2
+        log = worker.log()
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: cannot serve health and metrics on port {port} (STILLTAG_METRICS_PORT): "
+                          "Address already in use; give each worker process on a host its own port, or 0 to turn "
+                          "it off"], log
+        assert "Traceback" not in log
+    finally:
+        blocker.close()
+        worker.stop()
