@@ -132,6 +132,20 @@ class Settings(BaseSettings):
             raise ValueError("STILLTAG_IMAGE_URL must start with file:// or s3://, e.g. s3://stills/{image_id}.jpg")
         return value
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_supported(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0]
+        if scheme.startswith("sentinel"):
+            raise ValueError(
+                "Redis Sentinel URLs are not supported: the tagging worker's atomic pop and the events "
+                "client talk to one Redis; point STILLTAG_BROKER_URL at the master through a proxy that "
+                "follows failover (README, \"Broker faults\")"
+            )
+        if scheme not in (*REDIS_SCHEMES, "filesystem", "memory"):
+            raise ValueError("STILLTAG_BROKER_URL must be redis://, rediss:// or filesystem://")
+        return value
+
     @field_validator("model_store")
     @classmethod
     def _model_store_scheme(cls, value: str) -> str:
