@@ -1,4 +1,4 @@
-"""``stilltag demo``, added to the command line by ``shared/cli.py``."""
+"""``stilltag demo``, added to the command line by ``stilltag/cli.py``."""
 
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ from shared.constants import BACKFILL_QUEUE, ENQUEUED_AT_HEADER, RETRAIN_TASK, T
 from shared.schedule import retrain_crontab
 
 
+TASK_MODULES = ("worker.tasks", "training.tasks")  # stilltag.tag, stilltag.retrain
+
+
 def celery_config(settings: Settings) -> dict:
     return {
         "broker_url": settings.broker_url,
@@ -48,13 +51,14 @@ def celery_config(settings: Settings) -> dict:
 
 def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app for ``settings`` (the process's settings when None), with stilltag's tasks."""
-    app = Celery("stilltag", set_as_current=False)
+    # Celery imports the task modules by name when a worker starts: each package registers its
+    # task beside its code, and shared/ imports neither.
+    app = Celery("stilltag", set_as_current=False, include=list(TASK_MODULES))
     app.amqp.Connection = QuickRetryConnection  # every connection the app makes: reconnect within 2 s
     if settings is None:
         app.add_defaults(lambda: celery_config(get_settings()))
     else:
         app.conf.update(celery_config(settings))
-    register_tasks(app)
     return app
 
 
@@ -69,22 +73,6 @@ def enqueue_tag_requests(settings: Settings, image_ids, *, queue: str = TAGGING_
                           headers={ENQUEUED_AT_HEADER: time.time()})
             sent += 1
     return sent
-
-
-def register_tasks(app: Celery) -> None:
-    @app.task(name=TAG_TASK, acks_late=True, shared=False)
-    def tag(image_id: int) -> str:
-        """Tag one image (a stock Celery worker's path; ``stilltag worker`` batches instead)."""
-        from worker.service import tag_one
-
-        return tag_one(image_id)
-
-    @app.task(name=RETRAIN_TASK, acks_late=False, shared=False)
-    def retrain(**options) -> str | None:
-        """Retrain from the website's tags; acked at start, since a retrain is not worth repeating blindly."""
-        from training.service import retrain_from_task
-
-        return retrain_from_task(**options)
 
 
 app = create_app()

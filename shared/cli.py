@@ -1,14 +1,12 @@
-"""The ``stilltag`` command line.
+"""The core commands of ``stilltag``: the schema, enqueueing and the model registry.
 
-Core commands live here; the tagging worker, the training worker and the demo add theirs from
-their own packages (``worker/cli.py``, ``training/cli.py``, ``demo/cli.py``).
+The command line itself is put together in ``stilltag/cli.py``, which adds these and the
+commands of the training worker and the demo; this module imports nothing above ``shared``.
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -18,13 +16,10 @@ from rich.table import Table
 
 from shared.config import get_settings
 from shared.constants import BACKFILL_QUEUE, TAGGING_QUEUE
-from shared.errors import UserError, report
+from shared.errors import UserError
 
-app = typer.Typer(help="stilltag: asynchronous image tagging with a preloaded fastai learner.", no_args_is_help=True)
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-app.add_typer(models_app, name="models")
 console = Console()
 
 
@@ -40,27 +35,6 @@ def runtime():
         rt.close()
 
 
-@dataclass
-class _Options:
-    debug: bool = False  # set by the --debug flag; main() reads it when a command fails
-
-
-options = _Options()
-
-
-@app.callback()
-def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show the traceback when a command fails.")] = False,
-) -> None:
-    options.debug = debug
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
-
-
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the tables (PostgreSQL or SQLite)."""
@@ -73,7 +47,6 @@ def db_upgrade() -> None:
     console.print(f"schema up to date at {make_url(settings.database_url).render_as_string(hide_password=True)}")
 
 
-@app.command()
 def enqueue(
     image_ids: Annotated[list[int], typer.Argument(help="Image IDs to tag.")],
     queue: Annotated[str, typer.Option(help=f"{TAGGING_QUEUE} (uploads) or {BACKFILL_QUEUE} (bulk).")] = TAGGING_QUEUE,
@@ -96,7 +69,7 @@ def models_register(
     """Store an exported learner (e.g. trained in a notebook) as a new model version."""
     from shared import registry
     from shared.db import transaction
-    from worker.model import describe_learner
+    from shared.learner_pickle import describe_learner
 
     if not path.is_file():  # checked here, not by click, so that it fails in one line like the rest
         raise UserError(f"{path} is not a file; pass the export.pkl written by learn.export()")
@@ -150,31 +123,7 @@ def models_rollback() -> None:
     console.print(f"rolled back: {record.version} is the champion again")
 
 
-def _register_package_commands() -> None:
-    import importlib
-
-    for module in ("worker.cli", "training.cli", "demo.cli"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        mod.register(app, models_app)
-
-
-_register_package_commands()
-
-
-def main() -> None:
-    """Run the command line. A failure ends in one ``error: ...`` line on stderr (the traceback
-    too with ``--debug``) and exit status 2 for settings errors, 1 for the rest (shared/errors.py);
-    click reports command-line mistakes itself, with status 2."""
-    try:
-        app()
-    except Exception as exc:
-        raise SystemExit(report(exc, debug=options.debug)) from None
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer, models: typer.Typer) -> None:
+    app.add_typer(db_app, name="db")
+    app.add_typer(models, name="models")
+    app.command()(enqueue)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import pickle as _pickle
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from pickle import *  # noqa: F401,F403 - the rest of the pickle module's API, as torch.load expects
 
@@ -47,3 +48,37 @@ def load_learner(path: Path | str, *, cpu: bool = True):
         # fastai warns that unpickling is unsafe; callers load only files whose sha256 they checked.
         warnings.simplefilter("ignore")
         return fastai_load_learner(path, cpu=cpu, pickle_module=sys.modules[__name__])
+
+
+@dataclass(frozen=True)
+class LearnerInfo:
+    arch: str
+    vocab: list[str]
+
+
+def arch_name(learn) -> str:
+    """The architecture's name as the learner records it (``resnet152``), or the model's class."""
+    arch = getattr(learn, "arch", None)
+    if isinstance(arch, str):
+        return arch
+    return getattr(arch, "__name__", None) or type(learn.model).__name__
+
+
+def describe_learner(path: Path) -> LearnerInfo:
+    """Architecture and tag vocabulary of an exported learner (unpickles it: trusted files only)."""
+    learn = load_learner(path, cpu=True)
+    return LearnerInfo(arch=arch_name(learn), vocab=[str(t) for t in learn.dls.vocab])
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without one is an error.
+    Both workers pick their device with it."""
+    import torch
+
+    from shared.errors import SettingsError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"STILLTAG_DEVICE={name} but no CUDA device is visible; use auto or cpu")
+    return name

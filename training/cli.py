@@ -1,4 +1,4 @@
-"""``stilltag train`` and ``stilltag models show``, added to the command line by ``shared/cli.py``."""
+"""``stilltag train``, ``stilltag beat`` and ``stilltag models show``, added to the command line by ``stilltag/cli.py``."""
 
 from __future__ import annotations
 
@@ -97,7 +97,19 @@ def show_version(version: str) -> None:
         rt.close()
 
 
+def beat(loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run Celery beat: enqueues `stilltag.retrain` on its schedule (STILLTAG_RETRAIN_SCHEDULE)."""
+    from shared.celery_app import create_app
+    from shared.config import get_settings
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    app.Beat(loglevel=loglevel, schedule=str(settings.data_dir / "beat-schedule")).run()
+
+
 def register(app: typer.Typer, models_app: typer.Typer) -> None:
+    app.command()(beat)
     @app.command()
     def train(
         now: Annotated[bool, typer.Option("--now", help="Train here, with live progress, instead of enqueuing.")] = False,

@@ -26,6 +26,7 @@ from typing import Callable
 
 from shared.config import Settings
 from shared.learner_parts import ImageFromStore, example_tags
+from shared.learner_pickle import resolve_device
 from training.dataset import Dataset
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,6 @@ def resolve_arch(name: str):
             f"unknown architecture {name!r} (STILLTAG_TRAIN_ARCH); use a torchvision name such as "
             "resnet18, resnet50, resnet152, densenet121"
         ) from None
-
-
-def pick_device(setting: str):
-    import torch
-
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
 
 
 def clamp_lr(lr: float | None) -> float:
@@ -182,10 +175,11 @@ def find_lr(learn) -> tuple[float, dict]:
 
 def train(dataset: Dataset, settings: Settings, *, workdir: Path, progress: Progress | None = None) -> TrainingRun:
     """Fit the recipe on ``dataset.train`` (``dataset.valid`` picks the epoch) and export it."""
+    import torch
     from fastai.callback.tracker import EarlyStoppingCallback, SaveModelCallback
 
     started = time.monotonic()
-    device = pick_device(settings.device)
+    device = torch.device(resolve_device(settings.device))
     workdir.mkdir(parents=True, exist_ok=True)
     dls = build_dataloaders(dataset, settings, device=device)
     learn = build_learner(dls, settings, workdir=workdir)

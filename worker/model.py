@@ -14,26 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.learner_pickle import arch_name, resolve_device  # noqa: F401 (resolve_device: worker API)
 from worker.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LearnerInfo:
-    arch: str
-    vocab: list[str]
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"STILLTAG_DEVICE={name} but no CUDA device is visible; use auto or cpu")
-    return name
 
 
 def _load(path: Path, device: str):
@@ -41,19 +25,6 @@ def _load(path: Path, device: str):
     from shared.learner_pickle import load_learner
 
     return load_learner(path, cpu=device == "cpu")
-
-
-def _arch_name(learn) -> str:
-    arch = getattr(learn, "arch", None)
-    if isinstance(arch, str):
-        return arch
-    return getattr(arch, "__name__", None) or type(learn.model).__name__
-
-
-def describe_learner(path: Path) -> LearnerInfo:
-    """Architecture and tag vocabulary of an exported learner (unpickles it: trusted files only)."""
-    learn = _load(path, "cpu")
-    return LearnerInfo(arch=_arch_name(learn), vocab=[str(t) for t in learn.dls.vocab])
 
 
 def preprocessing_of(learn) -> tuple[Preprocessing, tuple[list[float], list[float]] | None, float]:
@@ -98,7 +69,7 @@ class TaggingModel:
         self.version = version
         self.device = torch.device(device)
         self.vocab = [str(t) for t in learn.dls.vocab]
-        self.arch = _arch_name(learn)
+        self.arch = arch_name(learn)
         self.prep, stats, self.div = preprocessing_of(learn)
         self.activation = getattr(learn.loss_func, "activation", torch.sigmoid)
         self.model = learn.model.eval().to(self.device).to(memory_format=torch.channels_last)

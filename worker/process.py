@@ -52,7 +52,7 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         self._log = open(self.log_path, "w")
-        args = [sys.executable, "-m", "shared.cli", "worker", "--queues", self.queues]
+        args = [sys.executable, "-m", "stilltag.cli", "worker", "--queues", self.queues]
         if self.name:
             args += ["--hostname", self.name]
         self.proc = subprocess.Popen(args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -17,7 +17,7 @@ from shared.db import make_engine, tag_suggestions, tagging_status
 from worker.process import WorkerProcess
 
 def stilltag(env: dict[str, str], *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=check)
 
 

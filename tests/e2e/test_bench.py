@@ -23,7 +23,7 @@ def test_quick_bench_writes_every_measure(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "bench", "--quick", "--device", "cpu", "--redis", REDIS_HOST_URL,
+        [sys.executable, "-m", "stilltag.cli", "bench", "--quick", "--device", "cpu", "--redis", REDIS_HOST_URL,
          "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=840,
     )

@@ -159,7 +159,7 @@ def test_fault_drill(tmp_path, tiny_learner):
                    for n in (1, 2)]
         training = WorkerProcess(stack.env, root / "training.log", queues="training", name="training@drill").start()
         beat_log = open(root / "beat.log", "w")
-        beat = subprocess.Popen([sys.executable, "-m", "shared.cli", "beat"], env=stack.env, stdout=beat_log,
+        beat = subprocess.Popen([sys.executable, "-m", "stilltag.cli", "beat"], env=stack.env, stdout=beat_log,
                                 stderr=subprocess.STDOUT)
         procs = [*taggers, training]
         for w in procs:

@@ -19,7 +19,7 @@ def stilltag(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """``stilltag ARGS`` in its own process with only ``env`` set among the ``STILLTAG_*`` names."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     base[ENV_PREFIX + "DATA_DIR"] = str(tmp_path / "data")
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=base | env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=base | env, capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)
 
 

@@ -117,7 +117,7 @@ def test_db_upgrade_names_the_database_without_its_password(pg_url, monkeypatch)
     from sqlalchemy.engine import make_url
     from typer.testing import CliRunner
 
-    from shared.cli import app
+    from stilltag.cli import app
     from shared.config import get_settings
 
     url = make_url(pg_url).set(password="s3cret")  # trust auth: the server ignores it

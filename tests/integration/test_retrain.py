@@ -61,7 +61,7 @@ def env_for(settings) -> dict[str, str]:
 @pytest.fixture
 def cli(monkeypatch):
     """``cli(settings, *args)``: run ``stilltag ARGS`` in-process with ``settings`` as its environment."""
-    from shared.cli import app
+    from stilltag.cli import app
 
     def run(settings, *args):
         for name, value in env_for(settings).items():
@@ -147,7 +147,7 @@ def start_training_worker(settings, log_path: Path) -> subprocess.Popen:
 def stilltag(settings, *args) -> subprocess.CompletedProcess:
     """``stilltag ARGS`` in its own process, as an admin runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings)
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=env, capture_output=True, text=True,
                           timeout=120)
 
 

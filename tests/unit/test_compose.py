@@ -86,10 +86,10 @@ def resolve_command(args: list[str], *, parse: bool = True) -> list[str]:
 
     With ``parse``, the rest of ``args`` must be valid arguments and options of that command.
     """
-    import shared.cli  # registers worker/, training/ and demo/ commands that exist
+    import stilltag.cli  # the whole command line, every package's commands
 
     # Duck-typed: typer ships its own copy of click, so isinstance(…, click.Group) is unreliable.
-    command = typer.main.get_command(shared.cli.app)
+    command = typer.main.get_command(stilltag.cli.app)
     path: list[str] = []
     rest = list(args)
     while hasattr(command, "commands"):  # a group

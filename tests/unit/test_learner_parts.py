@@ -124,7 +124,8 @@ def test_an_old_export_loads_where_training_cannot_be_imported(exports, training
 
     import torch
 
-    from worker.model import TaggingModel, describe_learner
+    from shared.learner_pickle import describe_learner
+    from worker.model import TaggingModel
 
     with warnings.catch_warnings(), pytest.raises(ImportError, match="training"):
         warnings.simplefilter("ignore")

@@ -189,7 +189,7 @@ class BenchStack:
         return [self.root / "images" / f"{i}.jpg" for i in image_ids]
 
     def cli(self, env: dict[str, str], *args: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"stilltag {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
 

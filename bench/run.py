@@ -171,7 +171,7 @@ class Limit:
 # --- end to end -----------------------------------------------------------------------------
 def measure_end_to_end(plan: Plan, stack, learner: Path, ids: dict[str, list[int]]) -> dict[str, float]:
     """Throughput through Redis → worker process → database, then the two latency measures."""
-    from worker.bench_stack import Events
+    from bench.stack import Events
 
     stack.start_worker(learner, max_batch=plan.max_batch, max_wait_ms=plan.max_wait_ms, device=plan.device)
     events = Events(stack.redis_url)
@@ -267,7 +267,7 @@ def _device_name(device: str) -> str:
 
 
 def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
-    from worker.bench_stack import BenchStack, movie_jpegs
+    from bench.stack import BenchStack, movie_jpegs
 
     with tempfile.TemporaryDirectory(prefix="stilltag-bench-") as tmp, \
             BenchStack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url) as stack:
