@@ -7,6 +7,7 @@ worker that consumes the ``training`` queue and nothing else.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import tempfile
@@ -190,12 +191,32 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO", hostname: st
     return worker.exitcode or 0
 
 
+def _restore_last_success(rt: Runtime) -> None:
+    """Start ``stilltag_retrain_last_success_timestamp_seconds`` at the newest retrained version in
+    the registry, so a restarted training worker does not report "never" (the 40-day alert)."""
+    from training import metrics
+
+    try:
+        with rt.sessions() as session:
+            trained = [v.created_at for v in registry.list_versions(session=session)
+                       if v.dataset_size is not None and v.created_at is not None]
+    except Exception as exc:  # no schema yet, database away: /readyz says so; the gauge stays 0
+        log.warning("could not read the last retrain from the registry: %s", exc)
+        return
+    if trained:
+        newest = max(trained)
+        if newest.tzinfo is None:  # SQLite returns naive datetimes; the registry writes UTC
+            newest = newest.replace(tzinfo=dt.timezone.utc)
+        metrics.RETRAIN_LAST_SUCCESS.set(newest.timestamp())
+
+
 def _health_server(settings: Settings):
     """/livez (the process answers), /readyz (database and broker answer) and /metrics."""
     from shared.health import all_of, bind, database_check, redis_check, redis_client, register_queue_lengths
     from training import metrics  # noqa: F401  (registers the retrain metrics before the first scrape)
 
     rt = Runtime(settings)
+    _restore_last_success(rt)
     checks = [database_check(rt.engine)]
     if settings.broker_is_redis:
         client = redis_client(settings.broker_url)
