@@ -7,8 +7,8 @@ import typer
 
 def demo() -> None:
     """Train a small model on generated pictures, run a real worker, and show its tags and F2."""
-    from shared.config import get_settings
     from demo.run import run_demo
+    from shared.config import get_settings
 
     run_demo(get_settings())
 

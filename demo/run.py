@@ -83,9 +83,8 @@ def _champion(rt: Runtime, settings: Settings, console: Console, progress: Progr
         console.print(f"reusing the champion model {existing.version} from an earlier run "
                       f"(holdout F2 {existing.metrics.get('f2', float('nan')):.3f})")
         return existing.version
-    from training.service import retrain, with_overrides
-
     from training.cli import progress_bars
+    from training.service import retrain, with_overrides
 
     on_progress, stage, batches = progress_bars(progress)
     record = retrain(with_overrides(settings, DEMO_TRAINING), progress=on_progress)
@@ -95,7 +94,7 @@ def _champion(rt: Runtime, settings: Settings, console: Console, progress: Progr
 
 
 def _suggestions(rt: Runtime, ids, version: str) -> dict[int, list[tuple[str, float]]]:
-    out = {i: [] for i in ids}
+    out: dict[int, list[tuple[str, float]]] = {i: [] for i in ids}
     with rt.sessions() as s:
         rows = s.execute(
             sa.select(tag_suggestions.c.image_id, tag_suggestions.c.tag, tag_suggestions.c.probability)

@@ -15,9 +15,9 @@ from time import monotonic
 
 from kombu import Connection
 from kombu.transport import redis as kombu_redis
-from prometheus_client import Counter
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
+from prometheus_client import Counter
 
 from shared.config import Settings
 from shared.constants import PARKED_KEY, PARKED_MAX_LEN, TASK_QUEUES
@@ -85,7 +85,7 @@ class GuardedRedisChannel(kombu_redis.Channel):
         envelope, reason = check_envelope(item)
         if envelope is None:
             with self.conn_or_acquire() as client:
-                park(client, queue=dest, raw=item, reason=reason)
+                park(client, queue=dest, raw=item, reason=reason or "broken envelope")
                 if recorded_tag:  # recorded as unacked: forget it, or the sweep would bring it back
                     client.pipeline().zrem(self.unacked_index_key, recorded_tag).hdel(
                         self.unacked_key, recorded_tag).execute()
@@ -193,7 +193,7 @@ class AtomicRedisChannel(GuardedRedisChannel):
 
 class AtomicRedisTransport(kombu_redis.Transport):
     Channel = AtomicRedisChannel
-    polling_interval = ATOMIC_POLL_INTERVAL_S
+    polling_interval = ATOMIC_POLL_INTERVAL_S  # type: ignore[assignment]  # kombu declares it None
 
 
 def transport_options(settings: Settings) -> dict:

@@ -16,7 +16,6 @@ from shared.config import Settings, get_settings
 from shared.constants import BACKFILL_QUEUE, ENQUEUED_AT_HEADER, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.schedule import retrain_crontab
 
-
 TASK_MODULES = ("worker.tasks", "training.tasks")  # stilltag.tag, stilltag.retrain
 
 

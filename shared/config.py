@@ -170,7 +170,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _fill_embedded_defaults(self) -> "Settings":
+    def _fill_embedded_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()
         object.__setattr__(self, "data_dir", data_dir)
         if not self.database_url:
@@ -212,7 +212,7 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(
             f"unknown setting(s) {', '.join(names)}; known STILLTAG_* names are listed in README.md"
         )
-    return Settings(**overrides)
+    return Settings(**overrides)  # type: ignore[arg-type]  # pydantic validates each value
 
 
 @lru_cache(maxsize=1)

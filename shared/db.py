@@ -8,8 +8,8 @@ between the migrated schema and this metadata must find nothing, on PostgreSQL a
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 from sqlalchemy import event

@@ -75,15 +75,16 @@ def translate(exc: BaseException, settings: Settings | None = None) -> UserError
         settings: to name the URL that failed; the process's settings when None (if they load).
     """
     seen = 0
-    while exc is not None and seen < CAUSE_DEPTH:
-        if isinstance(exc, UserError):
-            return exc
+    current: BaseException | None = exc
+    while current is not None and seen < CAUSE_DEPTH:
+        if isinstance(current, UserError):
+            return current
         for translator in _TRANSLATORS:
-            found = translator(exc, settings)
+            found = translator(current, settings)
             if found is not None:
-                found.__cause__ = exc
+                found.__cause__ = current
                 return found
-        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
         seen += 1
     return None
 
@@ -155,7 +156,7 @@ def _settings_validation(exc: BaseException, _settings_arg) -> UserError | None:
     if not _is(exc, "pydantic_core", "ValidationError") or getattr(exc, "title", "") != "Settings":
         return None
     problems = []
-    for err in exc.errors():
+    for err in exc.errors():  # type: ignore[attr-defined]  # pydantic's ValidationError, checked above
         msg = err.get("msg", "")
         msg = msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
         loc = [str(part) for part in err.get("loc", ())]

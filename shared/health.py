@@ -70,7 +70,7 @@ class HealthServer:
             return [f"{reason}\n".encode()]
         return self._metrics(environ, start_response)
 
-    def start(self) -> "HealthServer":
+    def start(self) -> HealthServer:
         self._thread.start()
         log.info("health and metrics on :%d (/livez, /readyz, /metrics)", self.port)
         return self
@@ -136,7 +136,7 @@ class QueueLengthCollector:
         except Exception as exc:  # Redis down: no sample rather than a wrong one
             log.debug("queue lengths unavailable: %s", exc)
             return
-        for name, count in zip((*self.QUEUES, "unacked"), counts):
+        for name, count in zip((*self.QUEUES, "unacked"), counts, strict=True):
             family.add_metric([name], count)
         yield family
 

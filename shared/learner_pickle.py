@@ -14,7 +14,7 @@ import pickle as _pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from pickle import *  # noqa: F401,F403 - the rest of the pickle module's API, as torch.load expects
+from pickle import *  # noqa: F403 - the rest of the pickle module's API, as torch.load expects
 
 # (module, name) recorded by an older export -> (module, name) today
 MOVED: dict[tuple[str, str], tuple[str, str]] = {
@@ -24,17 +24,17 @@ MOVED: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
-class Unpickler(_pickle.Unpickler):
+class Unpickler(_pickle.Unpickler):  # type: ignore[no-redef]  # replaces the star-imported one
     def find_class(self, module: str, name: str):
         module, name = MOVED.get((module, name), (module, name))
         return super().find_class(module, name)
 
 
-def load(file, **kwargs):
+def load(file, **kwargs):  # type: ignore[no-redef]
     return Unpickler(file, **kwargs).load()
 
 
-def loads(data, /, **kwargs):
+def loads(data, /, **kwargs):  # type: ignore[no-redef]
     return Unpickler(io.BytesIO(data), **kwargs).load()
 
 

@@ -50,7 +50,7 @@ class ModelVersion:
     promoted_at: dt.datetime | None = None
 
     @classmethod
-    def from_row(cls, row: sa.Row) -> "ModelVersion":
+    def from_row(cls, row: sa.Row) -> ModelVersion:
         return cls(**row._asdict())
 
 
@@ -63,7 +63,7 @@ def sha256_file(path: Path) -> str:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def next_version(*, session: Session) -> str:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 
 
-def retrain_crontab(schedule: str) -> "crontab":
+def retrain_crontab(schedule: str) -> crontab:
     """``"0 3 1 * *"`` → Celery's ``crontab``, fields in crontab(5) order.
 
     Raises:

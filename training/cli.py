@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -10,8 +10,8 @@ from rich.console import Console
 console = Console(soft_wrap=True)  # long paths (the report) stay whole, copy-pasteable
 
 
-def _overrides(arch: str, image_size: Optional[int], epochs_frozen: Optional[int], epochs_unfrozen: Optional[int],
-               pretrained: Optional[bool]) -> dict:
+def _overrides(arch: str, image_size: int | None, epochs_frozen: int | None, epochs_unfrozen: int | None,
+               pretrained: bool | None) -> dict:
     given = {"train_arch": arch or None, "train_image_size": image_size, "train_epochs_frozen": epochs_frozen,
              "train_epochs_unfrozen": epochs_unfrozen, "train_pretrained": pretrained}
     return {k: v for k, v in given.items() if v is not None}
@@ -114,10 +114,10 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     def train(
         now: Annotated[bool, typer.Option("--now", help="Train here, with live progress, instead of enqueuing.")] = False,
         arch: Annotated[str, typer.Option(help="Architecture (default STILLTAG_TRAIN_ARCH).")] = "",
-        image_size: Annotated[Optional[int], typer.Option(help="Input size (default STILLTAG_TRAIN_IMAGE_SIZE).")] = None,
-        epochs_frozen: Annotated[Optional[int], typer.Option(help="Epochs with the body frozen.")] = None,
-        epochs_unfrozen: Annotated[Optional[int], typer.Option(help="Epochs after unfreeze().")] = None,
-        pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained",
+        image_size: Annotated[int | None, typer.Option(help="Input size (default STILLTAG_TRAIN_IMAGE_SIZE).")] = None,
+        epochs_frozen: Annotated[int | None, typer.Option(help="Epochs with the body frozen.")] = None,
+        epochs_unfrozen: Annotated[int | None, typer.Option(help="Epochs after unfreeze().")] = None,
+        pretrained: Annotated[bool | None, typer.Option("--pretrained/--no-pretrained",
                                                            help="Start from ImageNet weights.")] = None,
     ) -> None:
         """Retrain the model from the website's tags: enqueue it for the training worker, or --now here."""

@@ -82,7 +82,7 @@ def read_rows(*, session: Session, query: str, params: dict[str, object] | None 
         DatasetError: the query does not return the two expected columns.
     """
     result = session.execute(sa.text(query).execution_options(stream_results=True, yield_per=FETCH_ROWS), params or {})
-    columns = [c.lower() for c in result.keys()]
+    columns = [c.lower() for c in result.keys()]  # noqa: SIM118 (a Result: iterating it gives rows)
     if len(columns) != 2 or columns[1] not in (ONE_TAG_COLUMN, MANY_TAGS_COLUMN):
         result.close()
         raise DatasetError(
@@ -150,7 +150,7 @@ def export_dataset(*, session: Session, settings: Settings, now: dt.datetime | N
     Raises:
         DatasetError: too little data to train on or to judge the model.
     """
-    snapshot_at = now or dt.datetime.now(dt.timezone.utc)
+    snapshot_at = now or dt.datetime.now(dt.UTC)
     offered = {"snapshot_at": snapshot_at, "min_tag_images": settings.train_min_tag_images}
     query = settings.dataset_query
     labels = collect(read_rows(session=session, query=query, params=query_params(query, offered)))

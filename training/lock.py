@@ -30,7 +30,7 @@ class RetrainBusy(RuntimeError):
 
 
 def _holder() -> str:
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return f"{socket.gethostname()} pid {os.getpid()} since {started} ({uuid.uuid4().hex[:8]})"
 
 
@@ -44,7 +44,7 @@ def redis_lock(url: str, *, key: str = RETRAIN_LOCK_KEY, ttl_s: float = LOCK_TTL
     lock = client.lock(key, timeout=ttl_s, thread_local=False)
     try:
         if not lock.acquire(blocking=False, token=token):
-            holder = client.get(key)
+            holder: bytes | None = client.get(key)  # type: ignore[assignment]  # a client made without decode_responses
             raise RetrainBusy(
                 f"another retrain is running ({holder.decode() if holder else 'holder unknown'}; Redis key {key}); "
                 "this one was not started. Wait for it to finish, or delete the key if its worker is gone."

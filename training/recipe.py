@@ -19,10 +19,11 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from shared.config import Settings
 from shared.learner_parts import ImageFromStore, example_tags
@@ -70,7 +71,7 @@ def clamp_lr(lr: float | None) -> float:
 class TrainingRun:
     """What a run leaves behind: the learner (best epoch loaded), its export and its history."""
 
-    learn: object
+    learn: Any  # a fastai Learner (fastai ships no type information)
     export_path: Path
     lr: float
     lr_find: dict  # {"lrs": [...], "losses": [...]}
@@ -106,7 +107,7 @@ def make_monitor(progress: Progress | None, epochs: list[dict], batch_losses: li
         def after_epoch(self):
             row = {"phase": self.phase, "epoch": len(epochs) + 1,
                    "seconds": round(time.monotonic() - self.epoch_started, 2)}
-            for name, value in zip(self.recorder.metric_names[1:], self.recorder.log[1:]):
+            for name, value in zip(self.recorder.metric_names[1:], self.recorder.log[1:], strict=False):
                 if name != "time":
                     row[METRIC_NAMES.get(name, name)] = float(value) if value is not None else None
             epochs.append(row)
@@ -123,7 +124,13 @@ def make_monitor(progress: Progress | None, epochs: list[dict], batch_losses: li
 
 def build_dataloaders(dataset: Dataset, settings: Settings, *, device):
     from fastai.vision.all import (
-        DataBlock, ImageBlock, IndexSplitter, MultiCategoryBlock, Normalize, Resize, aug_transforms,
+        DataBlock,
+        ImageBlock,
+        IndexSplitter,
+        MultiCategoryBlock,
+        Normalize,
+        Resize,
+        aug_transforms,
         imagenet_stats,
     )
 

@@ -11,8 +11,8 @@ import datetime as dt
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from shared import registry
 from shared.config import Settings, get_settings
@@ -206,7 +206,7 @@ def _restore_last_success(rt: Runtime) -> None:
     if trained:
         newest = max(trained)
         if newest.tzinfo is None:  # SQLite returns naive datetimes; the registry writes UTC
-            newest = newest.replace(tzinfo=dt.timezone.utc)
+            newest = newest.replace(tzinfo=dt.UTC)
         metrics.RETRAIN_LAST_SUCCESS.set(newest.timestamp())
 
 

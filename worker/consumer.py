@@ -24,11 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import socket
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from kombu import Queue
 
@@ -180,7 +180,7 @@ class BatchConsumer:
         if now < self._next_restore:
             return
         self._next_restore = now + self.settings.restore_interval_s
-        qos = getattr(channel, "qos", None)
+        qos: Any = getattr(channel, "qos", None)
         if hasattr(qos, "restore_visible"):  # Redis: return expired unacked messages to their queues
             try:
                 qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
@@ -236,7 +236,7 @@ class BatchConsumer:
                         raise BrokerLost(f"no reply from the broker for {POP_REPLY_TIMEOUT_S:.0f} s")
                     try:
                         conn.drain_events(timeout=self._wait_s())
-                    except socket.timeout:
+                    except TimeoutError:
                         pass
                     if self._batch_due():
                         self._dispatch()
@@ -270,7 +270,7 @@ class BatchConsumer:
         """Graceful stop: the batch in the forward pass is finished and acknowledged; every other
         message this worker holds (gathering, or waiting for the forward pass) goes back to its
         queue now, for another worker."""
-        held = [self.batch]
+        held: list[Batch | None] = [self.batch]
         self.batch = Batch()
         try:
             held.append(self.ready.get_nowait())
@@ -337,7 +337,7 @@ class BatchConsumer:
                 t0 = time.perf_counter()
                 self.tagger.run_batch([f.result() for f in batch.futures])
                 log.info("batch of %d (%d from %s) tagged with %s in %.0f ms", len(batch.messages),
-                         batch.queues.count(self.queues[0]), self.queues[0], self.tagger.model.version,
+                         batch.queues.count(self.queues[0]), self.queues[0], self.tagger.loaded.version,
                          (time.perf_counter() - t0) * 1000)
                 _observe_enqueue_to_commit(batch.messages)
                 self.done.put((batch, None))
@@ -365,7 +365,7 @@ def _settle(channel, message, committed: bool) -> None:
     which frees its place in the prefetch window.
     """
     current = message.channel is channel
-    qos = getattr(channel, "qos", None)
+    qos: Any = getattr(channel, "qos", None)
     if not hasattr(qos, "restore_by_tag"):  # the embedded broker has one connection and no unacked set
         if current:
             message.ack() if committed else message.requeue()

@@ -105,7 +105,7 @@ class Watchdog:
             except Exception:
                 log.exception("watchdog look failed")
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         self._thread.start()
         return self
 

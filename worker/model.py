@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,8 @@ def _load(path: Path, device: str):
 
 def preprocessing_of(learn) -> tuple[Preprocessing, tuple[list[float], list[float]] | None, float]:
     """The learner's validation pipeline: resize, and (mean, std) and divisor of its batch transforms."""
-    from fastai.vision.augment import AffineCoordTfm, Resize, ResizeMethod
     from fastai.data.transforms import IntToFloatTensor, Normalize
+    from fastai.vision.augment import AffineCoordTfm, Resize, ResizeMethod
     from fastai.vision.core import ToTensor
 
     prep = None
@@ -84,7 +83,7 @@ class TaggingModel:
         )
 
     @classmethod
-    def load(cls, path: Path, *, version: str, device: str) -> "TaggingModel":
+    def load(cls, path: Path, *, version: str, device: str) -> TaggingModel:
         return cls(_load(path, device), version=version, device=device)
 
     def to_input(self, pixels: np.ndarray):
@@ -95,7 +94,7 @@ class TaggingModel:
         if self.cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(self.div)
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:
             x = (x - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last)
 

@@ -79,7 +79,7 @@ def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int) -> np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap is below
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
             raise ImageRejected(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels} (decompression bomb?)")

@@ -39,17 +39,19 @@ def select_tags(probs: np.ndarray, vocab: list[str], *, threshold: float, top_k:
 
 def _upsert(session: Session):
     if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
 
 
 def persist_batch(*, session: Session, model_version: str, results: list[ImageResult]) -> None:
     """Write a batch's suggestions and statuses in the caller's transaction."""
     if not results:
         return
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ids = [r.image_id for r in results]
     session.execute(
         sa.delete(tag_suggestions).where(

@@ -126,17 +126,24 @@ class Tagger:
         except Exception as exc:  # missing object, store down, ...: this image fails, not the batch
             return Prepared(image_id, prep, error=f"{type(exc).__name__}: {exc}")
 
+    @property
+    def loaded(self) -> TaggingModel:
+        """The current model; tagging before one is loaded is a bug."""
+        if self.model is None:
+            raise NoChampion("no model loaded yet")
+        return self.model
+
     def submit(self, image_id: int) -> Future:
-        return self.pool.submit(self.prepare, image_id, self.model.prep)
+        return self.pool.submit(self.prepare, image_id, self.loaded.prep)
 
     def predict(self, prepared: list[Prepared]) -> list[ImageResult]:
         """One forward pass for the images that decoded; the others fail with their reason."""
-        model = self.model
+        model = self.loaded
         prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep) for p in prepared]
         ok = [p for p in prepared if p.pixels is not None]
         if ok:
             with metrics.INFERENCE.time():
-                probs = model.predict(np.stack([p.pixels for p in ok]))
+                probs = model.predict(np.stack([p.pixels for p in ok if p.pixels is not None]))
         by_id = {}
         for i, p in enumerate(ok):
             by_id[p.image_id] = tagged(
@@ -144,12 +151,12 @@ class Tagger:
             )
         for p in prepared:
             if p.pixels is None:
-                by_id[p.image_id] = failed(p.image_id, p.error)
+                by_id[p.image_id] = failed(p.image_id, p.error or "not decoded")
         return [by_id[p.image_id] for p in prepared]
 
     def persist(self, results: list[ImageResult]) -> None:
         """One transaction for the batch, then the events (after commit)."""
-        version = self.model.version
+        version = self.loaded.version
         with metrics.PERSIST.time():
             with transaction(self.runtime.sessions) as session:
                 persist_batch(session=session, model_version=version, results=results)

@@ -15,7 +15,7 @@ if context.is_offline_mode():
 else:
     connectable = config.attributes.get("connection")
     if connectable is None:
-        engine = make_engine(url)
+        engine = make_engine(str(url))
         engine.pool = pool.NullPool(engine.pool._creator)  # one-shot connection for migrations
         with engine.connect() as connection:
             context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
