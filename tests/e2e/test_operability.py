@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -99,6 +98,16 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
         trainer.wait_ready()
         assert tagger.probe("/livez")[0] == 200 and trainer.probe("/livez")[0] == 200
 
+        # A second worker given the same metrics port stops at once, with one line saying why.
+        clash = WorkerProcess(stack.env, stack.root / "clash.log", metrics_port=tagger.metrics_port).start()
+        assert clash.proc.wait(timeout=180) == 2
+        errors = [line for line in clash.log().splitlines() if line.startswith("error:")]
+        assert errors == [f"error: cannot serve health and metrics on port {tagger.metrics_port} "
+                          "(STILLTAG_METRICS_PORT): Address already in use; give each worker process on a host its "
+                          "own port, or 0 to turn it off"], clash.log()
+        assert "Traceback" not in clash.log()
+        clash.stop()
+
         # Celery's own tools list both workers, each with its queues.
         ping = celery(stack.env, "inspect", "ping", "--timeout", "5")
         assert f"{TAGGER}: OK" in ping and f"{TRAINER}: OK" in ping, ping
@@ -170,22 +179,3 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
         flower.terminate()
         flower.wait(30)
         flower_log.close()
-
-
-def test_a_taken_metrics_port_stops_the_worker_with_one_line(stack_factory):
-    stack = stack_factory()
-    port = free_port()
-    blocker = socket.create_server(("0.0.0.0", port))
-    worker = WorkerProcess(stack.env, stack.root / "worker.log", metrics_port=port)
-    try:
-        worker.start()
-        assert worker.proc.wait(timeout=180) == 2
-        log = worker.log()
-        errors = [line for line in log.splitlines() if line.startswith("error:")]
-        assert errors == [f"error: cannot serve health and metrics on port {port} (STILLTAG_METRICS_PORT): "
-                          "Address already in use; give each worker process on a host its own port, or 0 to turn "
-                          "it off"], log
-        assert "Traceback" not in log
-    finally:
-        blocker.close()
-        worker.stop()
