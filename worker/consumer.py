@@ -150,13 +150,8 @@ class BatchConsumer:
                 continue
 
     def _ack_done(self) -> None:
-        while True:
-            try:
-                batch, error = self.done.get_nowait()
-            except queue.Empty:
-                return
-            self._owed.extend((message, error is None) for message in batch.messages)
-            self._settle()
+        self._collect_done()
+        self._settle()
 
     def _settle(self) -> None:
         """Acknowledge (committed) or return (not committed) what is owed to the broker.
@@ -247,7 +242,7 @@ class BatchConsumer:
         """Between attempts to reach the broker: the batch in hand still goes to the forward pass
         (the database may be up), and what finished is kept to acknowledge later."""
         self._tick()  # waiting for the broker is not a stuck loop: /readyz reports the broker
-        self._ack_done_offline()
+        self._collect_done()  # acknowledged on the next connection
         if self.batch.messages and self._inference_idle.is_set():
             try:
                 self.ready.put_nowait(self.batch)
@@ -257,8 +252,8 @@ class BatchConsumer:
         if self.stop_event.is_set():
             raise _Stop()
 
-    def _ack_done_offline(self) -> None:
-        """While the broker is away, batches still finish: keep what they owe for later."""
+    def _collect_done(self) -> None:
+        """What finished batches owe the broker: an ack (committed) or a return (not)."""
         while True:
             try:
                 batch, error = self.done.get_nowait()

@@ -171,32 +171,21 @@ def test_fault_drill(tmp_path, tiny_learner):
         uploads = Uploads(rds.url).start()
         _wait_tagged(engine, uploads.pushed[:20] or [1], 120, taggers)
 
-        # 1. Redis SIGKILLed, restarted from its append-only file two seconds later.
-        rds.kill()
-        time.sleep(2)
-        before = _counters(taggers)
-        rds.start()
-        back_at = time.monotonic()
-        _back(taggers, before, back_at, "redis SIGKILL + restart", figures)
-        _celery_back(app, back_at, "redis SIGKILL + restart", figures)
-
-        # 2. Redis down for 30 s.
-        rds.stop()
-        time.sleep(REDIS_DOWN_S)
-        before = _counters(taggers)
-        rds.start()
-        back_at = time.monotonic()
-        _back(taggers, before, back_at, f"redis down {REDIS_DOWN_S:.0f} s", figures)
-        _celery_back(app, back_at, f"redis down {REDIS_DOWN_S:.0f} s", figures)
-
-        # 3. Every TCP connection to Redis cut under the workers, refused for 2 s, then back.
-        proxy.cut()
-        time.sleep(2)
-        before = _counters(taggers)
-        proxy.restore()
-        back_at = time.monotonic()
-        _back(taggers, before, back_at, "TCP connections cut", figures)
-        _celery_back(app, back_at, "TCP connections cut", figures)
+        faults = (  # (label, break it, how long it stays broken, mend it)
+            # Redis SIGKILLed, restarted from its append-only file two seconds later.
+            ("redis SIGKILL + restart", rds.kill, 2.0, rds.start),
+            (f"redis down {REDIS_DOWN_S:.0f} s", rds.stop, REDIS_DOWN_S, rds.start),
+            # Every TCP connection to Redis cut under the workers, refused for 2 s, then back.
+            ("TCP connections cut", proxy.cut, 2.0, proxy.restore),
+        )
+        for label, break_it, down_s, mend in faults:
+            break_it()
+            time.sleep(down_s)  # the fault itself lasts this long
+            before = _counters(taggers)
+            mend()  # returns once Redis answers (or the proxy forwards again)
+            back_at = time.monotonic()
+            _back(taggers, before, back_at, label, figures)
+            _celery_back(app, back_at, label, figures)
         last_broker_fault_at = time.time()
         retrains_after_faults = training.metric("stilltag_retrain_runs_total")
 
