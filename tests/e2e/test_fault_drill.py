@@ -221,6 +221,8 @@ def test_fault_drill(tmp_path, tiny_learner):
         assert dupes == [], f"duplicate suggestion rows: {dupes[:5]}"
         assert statuses == len(set(uploads.pushed)), "an image was tagged that nobody enqueued, or one is missing"
         assert taggers[1].proc.poll() is None and training.proc.poll() is None, "a worker exited during the drill"
+        for w in taggers:  # Celery's own consumer never took a tagging message, before or after its reconnects
+            assert "Task stilltag.tag[" not in w.log(), f"{w.log_path.name}: Celery ran stilltag.tag as a task"
         figures["uploads"] = len(uploads.pushed)
         print(f"drill figures: {figures}")
     finally:
