@@ -242,8 +242,11 @@ class Stack:
             logs = "\n".join(w.log()[-3000:] for w in self.workers)[-6000:]
             return f"missing: {sorted(wanted - self.statuses().keys())[:20]}\n{logs}"
 
-        return poll_until(lambda: (got := self.statuses()) if wanted <= got.keys() else None, timeout_s,
-                          f"{len(wanted)} image(s) tagged", detail=missing)
+        def all_there() -> dict | None:
+            got = self.statuses()
+            return got if wanted <= got.keys() else None
+
+        return poll_until(all_there, timeout_s, f"{len(wanted)} image(s) tagged", detail=missing)
 
     def close(self) -> None:
         self.stop_workers()
