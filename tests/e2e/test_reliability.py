@@ -56,12 +56,12 @@ def test_a_worker_killed_mid_batch_loses_no_image(stack_factory):
                    "the victim has committed 20 images and holds more")
         held_by_metrics = _held(victim)
         victim.kill()
+        killed_at = time.monotonic()
+        held = _unacked_image_ids(client)  # before the survivor takes any
+        queued = client.llen("backfill")
+        committed = set(stack.statuses())
     finally:
         survivor.proc.send_signal(signal.SIGCONT)
-    killed_at = time.monotonic()
-    held = _unacked_image_ids(client)
-    queued = client.llen("backfill")
-    committed = set(stack.statuses())
     lost_in_flight = held - committed
     print(f"kill test: the victim held {len(held)} messages (its /metrics just before: {held_by_metrics:.0f}), "
           f"{len(lost_in_flight)} of them uncommitted; {len(committed)} images committed, {queued} still queued")
