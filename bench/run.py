@@ -171,22 +171,25 @@ class Limit:
 # --- end to end -----------------------------------------------------------------------------
 def measure_end_to_end(plan: Plan, stack, learner: Path, ids: dict[str, list[int]]) -> dict[str, float]:
     """Throughput through Redis → worker process → database, then the two latency measures."""
-    from bench.stack import Events
+    from bench.stack import poll_until
+    from bench.traffic import Events
 
-    stack.start_worker(learner, max_batch=plan.max_batch, max_wait_ms=plan.max_wait_ms, device=plan.device)
-    events = Events(stack.redis_url)
+    stack.register_champion(learner)
+    worker = stack.worker().wait_ready()
+    events = Events(stack.broker_url)
     try:
-        stack.enqueue(ids["warmup"], "tagging")  # first batches pay for lazy initialisation
+        stack.push("tagging", ids["warmup"])  # first batches pay for lazy initialisation
         events.wait(ids["warmup"], EVENT_TIMEOUT_S)
 
-        t0 = stack.enqueue(ids["throughput"], "backfill")
+        t0 = stack.push("backfill", ids["throughput"])
         seen = events.wait(ids["throughput"], EVENT_TIMEOUT_S)
         end = max(t for t, _ in seen.values())
         out = {"end_to_end_img_s": len(seen) / (end - t0)}
         failed = [i for i, (_, state) in seen.items() if state != "tagged"]
         if failed:
             raise RuntimeError(f"{len(failed)} image(s) failed in the worker: {failed[:10]}")
-        committed = stack.tagged_in_db(ids["throughput"])
+        statuses = stack.statuses()
+        committed = sum(statuses.get(i, ("",))[0] == "tagged" for i in ids["throughput"])
         if committed != len(ids["throughput"]):
             raise RuntimeError(f"events for {len(seen)} images but {committed} tagged rows in the database")
 
@@ -194,22 +197,25 @@ def measure_end_to_end(plan: Plan, stack, learner: Path, ids: dict[str, list[int
         start = time.perf_counter()
         for k, image_id in enumerate(ids["trickle"]):
             time.sleep(max(0.0, start + k * TRICKLE_INTERVAL_MS / 1000 - time.perf_counter()))
-            sent[image_id] = stack.enqueue([image_id], "tagging")
+            sent[image_id] = stack.push("tagging", [image_id])
         seen = events.wait(ids["trickle"], EVENT_TIMEOUT_S)
         latencies = [(seen[i][0] - sent[i]) * 1000 for i in ids["trickle"]]
         out["trickle_p50_ms"] = float(np.percentile(latencies, 50))
         out["trickle_p95_ms"] = float(np.percentile(latencies, 95))
 
-        stack.enqueue(ids["backfill"], "backfill")
-        time.sleep(plan.max_wait_ms / 1000 + 0.05)  # the worker has the burst in hand
+        received = worker.metric("stilltag_messages_received_total")
+        stack.push("backfill", ids["backfill"])
+        in_hand = min(len(ids["backfill"]), plan.max_batch)
+        poll_until(lambda: worker.metric("stilltag_messages_received_total") >= received + in_hand, EVENT_TIMEOUT_S,
+                   f"the worker takes {in_hand} backfill messages", interval_s=0.01)
         (upload,) = ids["upload"]
-        t_upload = stack.enqueue([upload], "tagging")
+        t_upload = stack.push("tagging", [upload])
         out["behind_backfill_ms"] = (events.wait([upload], EVENT_TIMEOUT_S)[upload][0] - t_upload) * 1000
         events.wait(ids["backfill"], EVENT_TIMEOUT_S)
         return out
     finally:
         events.close()
-        stack.stop_worker()
+        stack.stop_workers()
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -267,16 +273,19 @@ def _device_name(device: str) -> str:
 
 
 def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
-    from bench.stack import BenchStack, movie_jpegs
+    from bench.stack import claimed_stack
+    from bench.traffic import movie_jpegs
 
     with tempfile.TemporaryDirectory(prefix="stilltag-bench-") as tmp, \
-            BenchStack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url) as stack:
+            claimed_stack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url, max_batch=plan.max_batch,
+                          max_wait_ms=plan.max_wait_ms, device=plan.device) as stack:
         counts = {"warmup": plan.max_batch, "throughput": plan.images, "trickle": plan.trickle,
                   "backfill": plan.backfill, "upload": 1}
         jpegs = movie_jpegs(sum(counts.values()), distinct_per_size=plan.distinct_per_size)
+        paths = {i: stack.put_image(i, data) for i, data in enumerate(jpegs, start=1)}
         ids, first = {}, 1
         for name, n in counts.items():
-            ids[name] = stack.put_images(first, jpegs[first - 1: first - 1 + n])
+            ids[name] = list(range(first, first + n))
             first += n
         learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size)
         result: dict = {"arch": plan.arch, "device": plan.device, "device_name": _device_name(plan.device),
@@ -285,7 +294,7 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
                         "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024}
         result["load_avg_1m"] = [os.getloadavg()[0]]
         learn = load_fastai(learner, plan.device)
-        result.update(measure_fastai(plan, learn, stack.image_paths(ids["throughput"])))
+        result.update(measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]]))
         limit = Limit(plan, learn)
         del learn
         limits = [limit.img_s()]

@@ -1,75 +1,81 @@
-"""A throw-away stilltag stack for ``stilltag bench``: a claimed Redis DB, a database, JPEGs at
-movie sizes in a temporary folder, a registered champion and a real tagging worker process.
+"""One harness for a throw-away stilltag stack, used by ``stilltag bench`` and by the tests.
 
-Timing is taken from the ``stilltag:tagged`` events, which the worker publishes after its
-batch's transaction commits; the database is checked afterwards for every image.
+- :func:`claim_postgres` and :func:`claim_redis_db`: a fresh PostgreSQL database and an empty
+  Redis DB number, removed and flushed afterwards;
+- :func:`tag_envelope` and :func:`push`: Celery protocol-2 messages built and LPUSHed by hand,
+  as the website does (no Celery client);
+- :func:`stilltag`: the real command line in its own process;
+- :func:`poll_until`: wait on a condition with a deadline and a message that says what did not
+  happen;
+- :class:`Stack`: settings, an image folder, a registered champion, tagging workers as
+  separate processes (:class:`WorkerProcess`), and what the database holds.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
+import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
+from typing import TypeVar
 
-import numpy as np
 import sqlalchemy as sa
 
 from shared.config import ENV_PREFIX
-from shared.constants import TAG_TASK, TAGGED_CHANNEL
-from worker.process import WorkerProcess
+from shared.constants import TAG_TASK, TAGGING_QUEUE
+from shared.db import make_engine, tag_suggestions, tagging_status
+from worker.process import WorkerProcess, free_port, probe
 
-# Frame sizes of movie stills: 720p, 2.40:1 at 1920 wide, 4:3 and 4:3 1080p.
-MOVIE_SIZES = ((1280, 720), (1920, 800), (1024, 768), (1440, 1080))
-JPEG_QUALITY = 90
-GRAIN_SIGMA = 6.0  # film grain: generated pictures are flat; real stills have texture (and bigger files)
+__all__ = ["Stack", "WorkerProcess", "claim_postgres", "claim_redis_db", "claimed_stack", "free_port", "poll_until",
+           "probe", "push", "stilltag", "tag_envelope"]
+
 REDIS_DB_RANGE = range(2, 16)  # DB 0 and 1 are left to whoever else uses the server
-CLAIM_KEY = "stilltag:bench-claim"
+CLAIM_KEY = "stilltag:claim"
+CLI_TIMEOUT_S = 180  # a command imports torch and fastai on a busy machine
+POLL_INTERVAL_S = 0.1
+
+T = TypeVar("T")
 
 
-def movie_jpegs(count: int, *, distinct_per_size: int, seed: int = 0) -> list[bytes]:
-    """``count`` JPEGs cycling through the movie sizes, built from a small pool of distinct pictures."""
-    from PIL import Image
+# --- claims ---------------------------------------------------------------------------------
+@contextmanager
+def claim_postgres(admin_url: str, *, prefix: str = "stilltag_test"):
+    """A fresh, empty PostgreSQL database (its SQLAlchemy URL), dropped afterwards.
 
-    from demo.synthetic import make_picture
+    Args:
+        admin_url: a libpq URL of a role that may create databases, e.g. ``postgresql://postgres@host/postgres``.
+        prefix: the start of the database's name, to tell whose it was.
+    """
+    import psycopg
+    from sqlalchemy.engine import make_url
 
-    rng = np.random.default_rng(seed)
-    pool: list[bytes] = []
-    for k in range(distinct_per_size):
-        for j, size in enumerate(MOVIE_SIZES):
-            picture = make_picture(1 + k * len(MOVIE_SIZES) + j, seed=seed, size=size).image
-            pixels = np.asarray(picture, dtype=np.float32)
-            pixels = np.clip(pixels + rng.normal(0, GRAIN_SIGMA, pixels.shape), 0, 255).astype(np.uint8)
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format="JPEG", quality=JPEG_QUALITY)
-            pool.append(buf.getvalue())
-    return [pool[i % len(pool)] for i in range(count)]
-
-
-def envelope(image_id: int, queue: str) -> str:
-    """A Celery protocol-2 message, built by hand as the website does (no Celery client)."""
-    task_id = str(uuid.uuid4())
-    body = base64.b64encode(json.dumps([[image_id], {}, {}]).encode()).decode()
-    return json.dumps({
-        "body": body, "content-encoding": "utf-8", "content-type": "application/json",
-        "headers": {"lang": "py", "task": TAG_TASK, "id": task_id, "root_id": task_id, "argsrepr": f"({image_id},)"},
-        "properties": {"correlation_id": task_id, "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
-                       "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": str(uuid.uuid4())},
-    })
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @contextmanager
-def claimed_redis_db(host_url: str):
-    """An empty Redis DB number, claimed atomically (like the tests do), flushed afterwards."""
+def claim_redis_db(host_url: str):
+    """A Redis DB number that is empty now (its URL), claimed atomically, flushed afterwards.
+
+    The claim key makes two processes (test runs, a benchmark) never share a DB.
+    """
     import redis
 
+    host_url = host_url.rstrip("/")
     for db in REDIS_DB_RANGE:
         client = redis.Redis.from_url(f"{host_url}/{db}")
         if client.dbsize() == 0 and client.set(CLAIM_KEY, "1", nx=True):
@@ -80,151 +86,186 @@ def claimed_redis_db(host_url: str):
                 client.close()
             return
         client.close()
-    raise RuntimeError(f"no empty Redis DB among {REDIS_DB_RANGE.start}..{REDIS_DB_RANGE.stop - 1} on {host_url}")
+    raise RuntimeError(f"no empty Redis DB among {REDIS_DB_RANGE.start}..{REDIS_DB_RANGE.stop - 1} on {host_url}; "
+                       "flush one, or point at another Redis server")
+
+
+# --- messages -------------------------------------------------------------------------------
+def tag_envelope(image_id, *, queue: str = TAGGING_QUEUE, task: str = TAG_TASK) -> dict:
+    """A Celery protocol-2 message with the exact structure of the README's Ruby snippet."""
+    task_id = str(uuid.uuid4())
+    body = [[image_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    return {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {
+            "lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None, "group": None,
+            "retries": 0, "eta": None, "expires": None, "argsrepr": f"({image_id!r},)", "kwargsrepr": "{}",
+        },
+        "properties": {
+            "correlation_id": task_id, "reply_to": "", "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue}, "priority": 0, "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+
+
+def push(client, queue: str, image_ids) -> float:
+    """LPUSH one tag request per image ID in one round trip; returns the time just before sending."""
+    messages = [json.dumps(tag_envelope(i, queue=queue)) for i in image_ids]
+    t0 = time.perf_counter()
+    client.lpush(queue, *messages)
+    return t0
+
+
+# --- processes and waiting ------------------------------------------------------------------
+def stilltag(env: dict[str, str], *args: str, check: bool = True, timeout_s: float = CLI_TIMEOUT_S,
+             cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``stilltag ARGS`` in its own process with ``env``; with ``check``, a failure raises with its output."""
+    done = subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, cwd=cwd)
+    if check and done.returncode:
+        raise RuntimeError(f"stilltag {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def poll_until(condition: Callable[[], T], timeout_s: float, what: str, *, interval_s: float = POLL_INTERVAL_S,
+               detail: Callable[[], str] | None = None) -> T:
+    """Call ``condition`` until it returns something truthy, and return that.
+
+    Raises:
+        TimeoutError: after ``timeout_s``, saying ``what`` did not happen (and ``detail()``, e.g. a log's end).
+    """
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s:g} s: {what}" + (f"\n{detail()}" if detail else ""))
+        time.sleep(interval_s)
+    return result
+
+
+# --- the stack ------------------------------------------------------------------------------
+class Stack:
+    """A stilltag stack on a database and a broker: settings, an image folder, the command line,
+    tagging workers as separate processes, and what the database holds. ``close()`` stops them."""
+
+    def __init__(self, root: Path, *, database_url: str, broker_url: str | None = None, **settings):
+        self.root = root
+        self.settings_env = {
+            ENV_PREFIX + "DATA_DIR": str(root / "data"), ENV_PREFIX + "DATABASE_URL": database_url,
+            ENV_PREFIX + "IMAGE_URL": f"file://{self.image_dir}/{{image_id}}.jpg",
+            ENV_PREFIX + "MODEL_STORE": f"file://{root / 'models'}",
+            **({ENV_PREFIX + "BROKER_URL": broker_url} if broker_url else {}),
+            **{ENV_PREFIX + k.upper(): str(v) for k, v in settings.items()},
+        }
+        self.workers: list[WorkerProcess] = []
+        self._engine = self._redis = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The process environment for the CLI and workers: ours, and nothing else ``STILLTAG_*``."""
+        base = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
+        return {**base, **self.settings_env, "PYTHONUNBUFFERED": "1"}
+
+    @property
+    def image_dir(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def broker_url(self) -> str:
+        return self.settings_env[ENV_PREFIX + "BROKER_URL"]
+
+    def put_image(self, image_id: int, data: bytes) -> Path:
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        path = self.image_dir / f"{image_id}.jpg"
+        path.write_bytes(data)
+        return path
+
+    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return stilltag(self.env, *args, **kw)
+
+    def register_champion(self, learner: Path) -> None:
+        """``db upgrade``, then ``models register --promote`` a copy of ``learner``."""
+        self.cli("db", "upgrade")
+        artifact = self.root / "export.pkl"
+        shutil.copyfile(learner, artifact)
+        self.cli("models", "register", str(artifact), "--promote")
+
+    def worker(self, name: str = "worker", **kw) -> WorkerProcess:
+        """A started ``stilltag worker`` (``kw`` as for :class:`WorkerProcess`), logging to ``root/name.log``."""
+        w = WorkerProcess(self.env, self.root / f"{name}.log", **kw).start()
+        self.workers.append(w)
+        return w
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            if w.proc:
+                w.stop()  # also closes the log of a worker that has exited by itself
+
+    @property
+    def redis(self):
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.broker_url)
+        return self._redis
+
+    def push(self, queue: str, image_ids) -> float:
+        return push(self.redis, queue, image_ids)
+
+    def engine(self) -> sa.Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.settings_env[ENV_PREFIX + "DATABASE_URL"])
+        return self._engine
+
+    def statuses(self) -> dict[int, tuple[str, str | None, str | None]]:
+        """``{image_id: (state, error, model_version)}`` of every committed status row."""
+        with self.engine().connect() as c:
+            rows = c.execute(sa.select(tagging_status.c.image_id, tagging_status.c.state, tagging_status.c.error,
+                                       tagging_status.c.model_version))
+            return {r.image_id: (r.state, r.error, r.model_version) for r in rows}
+
+    def suggestions(self) -> list[tuple]:
+        with self.engine().connect() as c:
+            return c.execute(
+                sa.select(tag_suggestions.c.image_id, tag_suggestions.c.tag, tag_suggestions.c.probability,
+                          tag_suggestions.c.model_version)
+                .order_by(tag_suggestions.c.image_id, tag_suggestions.c.tag)
+            ).all()
+
+    def wait_for(self, image_ids, timeout_s: float = 120) -> dict:
+        """Until every image in ``image_ids`` has a committed status; returns :meth:`statuses`."""
+        wanted = set(image_ids)
+
+        def missing() -> str:
+            logs = "\n".join(w.log()[-3000:] for w in self.workers)[-6000:]
+            return f"missing: {sorted(wanted - self.statuses().keys())[:20]}\n{logs}"
+
+        def all_there() -> dict | None:
+            got = self.statuses()
+            return got if wanted <= got.keys() else None
+
+        return poll_until(all_there, timeout_s, f"{len(wanted)} image(s) tagged", detail=missing)
+
+    def close(self) -> None:
+        self.stop_workers()
+        if self._engine is not None:
+            self._engine.dispose()
+        if self._redis is not None:
+            self._redis.close()
 
 
 @contextmanager
-def database(folder: Path, pg_admin_url: str):
-    """SQLite in ``folder``, or a fresh PostgreSQL database when an admin URL is given (dropped after)."""
-    if not pg_admin_url:
-        yield f"sqlite:///{folder / 'bench.db'}"
-        return
-    import psycopg
-
-    name = f"stilltag_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{pg_admin_url.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
-    finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-class Events:
-    """Listens on ``stilltag:tagged`` and records when each image's event arrived."""
-
-    def __init__(self, redis_url: str):
-        import redis
-
-        self.client = redis.Redis.from_url(redis_url)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self.pubsub.subscribe(TAGGED_CHANNEL)
-        self.seen: dict[int, tuple[float, str]] = {}
-        self.cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, name="bench-events", daemon=True)
-        self._thread.start()
-
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            msg = self.pubsub.get_message(timeout=0.2)
-            if msg is None:
-                continue
-            now = time.perf_counter()
-            event = json.loads(msg["data"])
-            with self.cond:
-                self.seen[int(event["image_id"])] = (now, event["state"])
-                self.cond.notify_all()
-
-    def wait(self, image_ids, timeout_s: float) -> dict[int, tuple[float, str]]:
-        wanted = set(image_ids)
-        deadline = time.monotonic() + timeout_s
-        with self.cond:
-            while not wanted <= self.seen.keys():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    missing = sorted(wanted - self.seen.keys())
-                    raise TimeoutError(f"{len(missing)} image(s) not tagged after {timeout_s:.0f} s: {missing[:10]}…")
-                self.cond.wait(min(left, 0.5))
-            return {i: self.seen[i] for i in wanted}
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.pubsub.close()
-        self.client.close()
-
-
-class BenchStack:
-    """Everything ``stilltag bench`` needs for its end-to-end part; use as a context manager."""
-
-    def __init__(self, root: Path, *, redis_host_url: str, pg_admin_url: str = ""):
-        self.root = root
-        self.redis_host_url = redis_host_url
-        self.pg_admin_url = pg_admin_url
-        self._exit = ExitStack()
-        self.worker: WorkerProcess | None = None
-
-    def __enter__(self) -> "BenchStack":
-        import redis
-
-        self.redis_url = self._exit.enter_context(claimed_redis_db(self.redis_host_url))
-        self.database_url = self._exit.enter_context(database(self.root, self.pg_admin_url))
-        self.redis = redis.Redis.from_url(self.redis_url)
-        self._exit.callback(self.redis.close)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_worker()
-        self._exit.close()
-
-    def env(self, **settings) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.upper().startswith(ENV_PREFIX)}
-        ours = {
-            "DATA_DIR": str(self.root / "data"), "DATABASE_URL": self.database_url, "BROKER_URL": self.redis_url,
-            "IMAGE_URL": f"file://{self.root / 'images'}/{{image_id}}.jpg", "MODEL_STORE": f"file://{self.root / 'models'}",
-            **{k.upper(): str(v) for k, v in settings.items()},
-        }
-        return {**base, **{ENV_PREFIX + k: v for k, v in ours.items()}, "PYTHONUNBUFFERED": "1"}
-
-    def put_images(self, first_id: int, jpegs: list[bytes]) -> list[int]:
-        folder = self.root / "images"
-        folder.mkdir(parents=True, exist_ok=True)
-        for k, data in enumerate(jpegs):
-            (folder / f"{first_id + k}.jpg").write_bytes(data)
-        return list(range(first_id, first_id + len(jpegs)))
-
-    def image_paths(self, image_ids) -> list[Path]:
-        return [self.root / "images" / f"{i}.jpg" for i in image_ids]
-
-    def cli(self, env: dict[str, str], *args: str) -> None:
-        done = subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"stilltag {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-
-    def start_worker(self, learner: Path, **settings) -> None:
-        """``db upgrade``, ``models register --promote``, then ``stilltag worker`` until it consumes."""
-        env = self.env(**settings)
-        self.cli(env, "db", "upgrade")
-        self.cli(env, "models", "register", str(learner), "--promote")
-        self.worker = WorkerProcess(env, self.root / "worker.log").start().wait_ready()
-
-    def worker_log(self) -> str:
-        return self.worker.log() if self.worker else ""
-
-    def stop_worker(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
-            self.worker = None
-
-    def enqueue(self, image_ids, queue: str) -> float:
-        """LPUSH the messages in one round trip; returns the time just before sending."""
-        messages = [envelope(i, queue) for i in image_ids]
-        t0 = time.perf_counter()
-        self.redis.lpush(queue, *messages)
-        return t0
-
-    def tagged_in_db(self, image_ids) -> int:
-        """How many of ``image_ids`` have a committed ``tagged`` status."""
-        from shared.db import make_engine, tagging_status
-
-        engine = make_engine(self.database_url)
-        try:
-            with engine.connect() as c:
-                return c.execute(
-                    sa.select(sa.func.count()).select_from(tagging_status)
-                    .where(tagging_status.c.image_id.in_(list(image_ids)), tagging_status.c.state == "tagged")
-                ).scalar_one()
-        finally:
-            engine.dispose()
+def claimed_stack(root: Path, *, redis_host_url: str, pg_admin_url: str = "", **settings):
+    """A :class:`Stack` on a claimed Redis DB and a fresh PostgreSQL database (SQLite in ``root``
+    without an admin URL), all removed afterwards."""
+    with ExitStack() as claims:
+        broker_url = claims.enter_context(claim_redis_db(redis_host_url))
+        if pg_admin_url:
+            database_url = claims.enter_context(claim_postgres(pg_admin_url, prefix="stilltag_bench"))
+        else:
+            database_url = f"sqlite:///{root / 'bench.db'}"
+        stack = claims.enter_context(closing(Stack(root, database_url=database_url, broker_url=broker_url,
+                                                   **settings)))
+        yield stack

@@ -4,17 +4,15 @@ settings built for each test, and a small real fastai learner."""
 from __future__ import annotations
 
 import os
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from bench.stack import claim_postgres, claim_redis_db
 from shared.config import ENV_PREFIX, Settings
 
 PG_ADMIN_URL = os.environ.get("STILLTAG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST_URL = os.environ.get("STILLTAG_TEST_REDIS", "redis://127.0.0.1:6379")
-REDIS_DB_RANGE = range(2, 16)  # DB 0 and 1 are left to whoever else uses this server
 
 
 @pytest.fixture(autouse=True)
@@ -25,40 +23,14 @@ def _no_stilltag_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-@contextmanager
 def pg_database():
-    """A fresh, empty PostgreSQL database, dropped afterwards."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    name = f"stilltag_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(PG_ADMIN_URL).set(drivername="postgresql+psycopg", database=name)
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A fresh, empty PostgreSQL database (a context manager), dropped afterwards."""
+    return claim_postgres(PG_ADMIN_URL, prefix="stilltag_test")
 
 
-@contextmanager
 def redis_database():
-    """A Redis DB number that is empty now, claimed atomically, flushed afterwards."""
-    import redis
-
-    for db in REDIS_DB_RANGE:
-        client = redis.Redis.from_url(f"{REDIS_HOST_URL}/{db}")
-        # Claim the DB so two test processes never share one.
-        if client.dbsize() == 0 and client.set("stilltag:test-claim", "1", nx=True):
-            try:
-                yield f"{REDIS_HOST_URL}/{db}"
-            finally:
-                client.flushdb()
-                client.close()
-            return
-        client.close()
-    pytest.fail(f"no empty Redis DB among {list(REDIS_DB_RANGE)} on {REDIS_HOST_URL}")
+    """A Redis DB number that is empty now (a context manager), claimed atomically, flushed afterwards."""
+    return claim_redis_db(REDIS_HOST_URL)
 
 
 @pytest.fixture

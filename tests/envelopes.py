@@ -1,43 +1,12 @@
-"""Celery protocol-2 envelopes built by hand, the way the website (Ruby, `redis` gem only) does."""
+"""Broken Celery envelopes, made from the one good one (``bench.stack.tag_envelope``, built the way
+the website does), and a raw LPUSH for them."""
 
 from __future__ import annotations
 
 import base64
 import json
-import uuid
 
-
-def tag_envelope(image_id, *, queue: str = "tagging", task: str = "stilltag.tag") -> dict:
-    """The exact structure of the README's Ruby snippet."""
-    task_id = str(uuid.uuid4())
-    body = [[image_id], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
-    return {
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": task,
-            "id": task_id,
-            "root_id": task_id,
-            "parent_id": None,
-            "group": None,
-            "retries": 0,
-            "eta": None,
-            "expires": None,
-            "argsrepr": f"({image_id!r},)",
-            "kwargsrepr": "{}",
-        },
-        "properties": {
-            "correlation_id": task_id,
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
+from bench.stack import tag_envelope
 
 
 def lpush(client, queue: str, envelope) -> None:

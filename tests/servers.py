@@ -12,21 +12,12 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from glob import glob
 from pathlib import Path
 
-from worker.process import free_port
+from bench.stack import free_port, poll_until
 
 START_TIMEOUT_S = 30
-
-
-def _wait(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s} s")
-        time.sleep(0.05)
 
 
 def accepts(port: int) -> bool:
@@ -58,7 +49,7 @@ class PrivateRedis:
              "--logfile", str(self.folder / "redis.log")],
             check=True,
         )
-        _wait(self.answers, START_TIMEOUT_S, f"Redis on {self.port} did not answer")
+        poll_until(self.answers, START_TIMEOUT_S, f"Redis on {self.port} answers", interval_s=0.05)
         return self
 
     def answers(self) -> bool:
@@ -74,13 +65,13 @@ class PrivateRedis:
         """SIGKILL, as a crash or an OOM kill would."""
         pid = self.pid
         os.kill(pid, signal.SIGKILL)
-        _wait(lambda: not accepts(self.port), START_TIMEOUT_S, "Redis did not die")
+        poll_until(lambda: not accepts(self.port), START_TIMEOUT_S, "Redis dies", interval_s=0.05)
         (self.folder / "redis.pid").unlink(missing_ok=True)
 
     def stop(self) -> None:
         if (self.folder / "redis.pid").exists():
             subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], capture_output=True)
-            _wait(lambda: not accepts(self.port), START_TIMEOUT_S, "Redis did not stop")
+            poll_until(lambda: not accepts(self.port), START_TIMEOUT_S, "Redis stops", interval_s=0.05)
 
 
 class PrivatePostgres:

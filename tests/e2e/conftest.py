@@ -1,26 +1,13 @@
-import shutil
-
 import pytest
 
+from bench.stack import Stack
 from tests.conftest import pg_database, redis_database
-from tests.e2e.stack import Stack
 
 
 def build_stack(root, learner, *, database_url: str, broker_url: str | None, **settings) -> Stack:
-    env = {
-        "STILLTAG_DATA_DIR": str(root / "data"),
-        "STILLTAG_DATABASE_URL": database_url,
-        "STILLTAG_IMAGE_URL": f"file://{root / 'images'}/{{image_id}}.jpg",
-        "STILLTAG_MODEL_STORE": f"file://{root / 'models'}",
-        **{f"STILLTAG_{k.upper()}": str(v) for k, v in settings.items()},
-    }
-    if broker_url:
-        env["STILLTAG_BROKER_URL"] = broker_url
-    stack = Stack(settings_env=env, root=root)
-    stack.cli("db", "upgrade")
-    artifact = root / "export.pkl"
-    shutil.copyfile(learner, artifact)
-    stack.cli("models", "register", str(artifact), "--promote")
+    """A :class:`bench.stack.Stack` with its database migrated and ``learner`` registered as the champion."""
+    stack = Stack(root, database_url=database_url, broker_url=broker_url, **settings)
+    stack.register_champion(learner)
     return stack
 
 

@@ -5,11 +5,10 @@ Only that the benchmark works is tested: no speed is asserted, because a slow ma
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from bench.stack import stilltag
 from shared.config import ENV_PREFIX
 from tests.conftest import REDIS_HOST_URL
 
@@ -22,11 +21,8 @@ LATENCIES = ("trickle_p50_ms", "trickle_p95_ms", "behind_backfill_ms")
 def test_quick_bench_writes_every_measure(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    done = subprocess.run(
-        [sys.executable, "-m", "stilltag.cli", "bench", "--quick", "--device", "cpu", "--redis", REDIS_HOST_URL,
-         "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=840,
-    )
+    done = stilltag(env, "bench", "--quick", "--device", "cpu", "--redis", REDIS_HOST_URL, "--json", str(out),
+                    check=False, timeout_s=840)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     result = json.loads(out.read_text())
     assert result["arch"] == "resnet18"

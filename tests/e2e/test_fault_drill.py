@@ -12,7 +12,6 @@ worker after the last broker fault.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -22,10 +21,10 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from bench.stack import poll_until, push
 from demo.synthetic import make_picture
 from shared.config import Settings
 from tests.e2e.conftest import build_stack
-from tests.envelopes import lpush, tag_envelope
 from tests.servers import PrivatePostgres, PrivateRedis, TcpProxy
 from worker.process import WorkerProcess
 
@@ -53,7 +52,7 @@ class Uploads:
         next_id = 1
         while not self._stop.is_set() and next_id <= N_IMAGES:
             try:
-                lpush(self.client, "tagging", tag_envelope(next_id))
+                push(self.client, "tagging", [next_id])
             except redis.RedisError:
                 self._stop.wait(0.1)
                 continue
@@ -65,10 +64,7 @@ class Uploads:
         """``n`` uploads at once, for the kill phase."""
         start = (self.pushed[-1] if self.pushed else 0) + 1_000_000
         ids = list(range(start, start + n))
-        pipe = self.client.pipeline()
-        for i in ids:
-            pipe.lpush("backfill", json.dumps(tag_envelope(i, queue="backfill")))
-        pipe.execute()
+        push(self.client, "backfill", ids)
         self.pushed.extend(ids)
 
     def start(self) -> "Uploads":
@@ -87,11 +83,10 @@ def _counters(workers) -> list[tuple[float, float]]:
 
 def _back(workers, before, back_at: float, label: str, figures: dict) -> None:
     """Wait until each tagging worker has taken a message and committed a batch since ``before``."""
-    deadline = back_at + 60
     consume_s: list[float | None] = [None] * len(workers)
     commit_s: list[float | None] = [None] * len(workers)
-    while None in consume_s or None in commit_s:
-        assert time.monotonic() < deadline, f"{label}: not every worker consumes again: {consume_s} {commit_s}"
+
+    def all_back() -> bool:
         for i, (w, (received0, batches0)) in enumerate(zip(workers, before)):
             received, batches = w.metric("stilltag_messages_received_total"), w.metric("stilltag_batches_total")
             now = time.monotonic() - back_at
@@ -99,7 +94,10 @@ def _back(workers, before, back_at: float, label: str, figures: dict) -> None:
                 consume_s[i] = now
             if commit_s[i] is None and consume_s[i] is not None and batches > batches0:
                 commit_s[i] = now
-        time.sleep(0.1)
+        return None not in consume_s and None not in commit_s
+
+    poll_until(all_back, back_at + 60 - time.monotonic(), f"{label}: every worker consumes and commits again",
+               detail=lambda: f"consumed after {consume_s} s, committed after {commit_s} s")
     figures[label] = {"consume_s": [round(s, 2) for s in consume_s], "commit_s": [round(s, 2) for s in commit_s]}
     print(f"drill: {label}: consuming again after {figures[label]['consume_s']} s, "
           f"first commit after {figures[label]['commit_s']} s (per worker, from Redis accepting connections)")
@@ -112,28 +110,35 @@ NODES = {"tagging1@drill", "tagging2@drill", "training@drill"}
 def _celery_back(app, back_at: float, label: str, figures: dict) -> None:
     """Wait until every worker's Celery side (remote control) answers ``inspect ping`` again."""
     replies: dict = {}
-    while not NODES <= set(replies):
-        assert time.monotonic() < back_at + BACK_WITHIN_S, f"{label}: no ping reply from {NODES - set(replies)}"
+
+    def all_answer() -> bool:
+        nonlocal replies
         try:
             replies = app.control.inspect(timeout=1).ping() or {}
         except Exception:  # this client's own connection is coming back too
-            time.sleep(0.2)
+            return False
+        return NODES <= set(replies)
+
+    poll_until(all_answer, back_at + BACK_WITHIN_S - time.monotonic(), f"{label}: every worker answers inspect ping",
+               interval_s=0.2, detail=lambda: f"no reply from {NODES - set(replies)}")
     figures[label]["ping_s"] = round(time.monotonic() - back_at, 2)
     print(f"drill: {label}: every worker answers inspect ping after {figures[label]['ping_s']} s")
 
 
 def _wait_tagged(engine, ids, timeout_s: float, workers=()) -> None:
-    deadline = time.monotonic() + timeout_s
     wanted = set(ids)
-    while True:
+    missing: set[int] = set()
+
+    def all_tagged() -> bool:
         with engine.connect() as c:
             got = {r[0] for r in c.execute(sa.text("SELECT image_id FROM tagging_status WHERE state = 'tagged'"))}
-        if wanted <= got:
-            return
-        if time.monotonic() > deadline:
-            logs = "\n".join(w.log()[-2000:] for w in workers)
-            raise AssertionError(f"{len(wanted - got)} uploads not tagged, e.g. {sorted(wanted - got)[:10]}\n{logs}")
-        time.sleep(0.2)
+        missing.clear()
+        missing.update(wanted - got)
+        return not missing
+
+    poll_until(all_tagged, timeout_s, f"{len(wanted)} uploads tagged", interval_s=0.2,
+               detail=lambda: f"{len(missing)} not, e.g. {sorted(missing)[:10]}\n"
+                              + "\n".join(w.log()[-2000:] for w in workers))
 
 
 def test_fault_drill(tmp_path, tiny_learner):
@@ -200,8 +205,8 @@ def test_fault_drill(tmp_path, tiny_learner):
         # 5. A tagging worker SIGKILLed mid-batch: its messages come back by the visibility timeout.
         received0 = taggers[0].metric("stilltag_messages_received_total")
         uploads.burst(200)
-        while taggers[0].metric("stilltag_messages_received_total") < received0 + 8:
-            time.sleep(0.02)
+        poll_until(lambda: taggers[0].metric("stilltag_messages_received_total") >= received0 + 8, 60,
+                   "the first tagging worker holds burst messages", interval_s=0.02)
         taggers[0].kill()
         killed_at = time.monotonic()
         uploads.stop()
@@ -209,10 +214,9 @@ def test_fault_drill(tmp_path, tiny_learner):
         figures["SIGKILL → all tagged s"] = round(time.monotonic() - killed_at, 1)
 
         # Beat and the training worker: a scheduled retrain reached the worker after the faults.
-        deadline = last_broker_fault_at + 90
-        while training.metric("stilltag_retrain_runs_total") <= retrains_after_faults:
-            assert time.time() < deadline, "no scheduled retrain reached the training worker after the faults"
-            time.sleep(0.5)
+        poll_until(lambda: training.metric("stilltag_retrain_runs_total") > retrains_after_faults,
+                   last_broker_fault_at + 90 - time.time(), "a scheduled retrain reached the training worker "
+                   "after the faults", interval_s=0.5)
 
         with engine.connect() as c:
             dupes = c.execute(sa.text("SELECT image_id, tag, model_version, count(*) FROM tag_suggestions "

@@ -8,15 +8,13 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
-import redis
 
+from bench.stack import poll_until
 from demo.synthetic import make_picture
 from shared.config import Settings
-from tests.envelopes import tag_envelope
 from worker.process import WorkerProcess, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -29,16 +27,6 @@ def celery(env, *args: str, timeout: float = 60) -> str:
     done = subprocess.run([sys.executable, "-m", "celery", "-A", "shared.celery_app", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
     return done.stdout + done.stderr
-
-
-def poll(check, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.2)
 
 
 class Events:
@@ -145,21 +133,18 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
                 return None
             return {row["hostname"] for row in rows if row.get("status")} >= {TAGGER, TRAINER}
 
-        poll(flower_online, 60, "Flower shows both workers online")
+        poll_until(flower_online, 60, "Flower shows both workers online")
 
         # Heartbeats and worker-online were sent.
-        poll(lambda: {"worker-online", "worker-heartbeat"} <= events.types_from(TAGGER), 30,
+        poll_until(lambda: {"worker-online", "worker-heartbeat"} <= events.types_from(TAGGER), 30,
              "worker-online and heartbeat events from the tagging worker")
 
         # Remote shutdown mid-work: the batch in the forward pass is finished and acknowledged,
         # everything else the worker holds goes back to the queue at once.
-        client = redis.Redis.from_url(broker)
-        pipe = client.pipeline()
-        for i in ids[40:]:
-            pipe.lpush("backfill", json.dumps(tag_envelope(i, queue="backfill")))
-        pipe.execute()
+        client = stack.redis
+        stack.push("backfill", ids[40:])
         received = tagger.metric("stilltag_messages_received_total")
-        poll(lambda: tagger.metric("stilltag_messages_received_total") >= received + 20, 60,
+        poll_until(lambda: tagger.metric("stilltag_messages_received_total") >= received + 20, 60,
              "the worker holds backfill messages")
         celery(stack.env, "control", "shutdown", "--destination", TAGGER)
         assert tagger.proc.wait(60) == 0
@@ -171,7 +156,7 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
         assert held_left == 0, "the stopped worker left messages unacknowledged (they would wait for the sweep)"
         assert tagged | set(ids[:40]) == tagged
         assert len(tagged & set(ids[40:])) + waiting == len(ids[40:]), "a message was lost or duplicated"
-        poll(lambda: "worker-offline" in events.types_from(TAGGER), 30, "a worker-offline event")
+        poll_until(lambda: "worker-offline" in events.types_from(TAGGER), 30, "a worker-offline event")
         print(f"control shutdown: {len(tagged & set(ids[40:]))} backfill images committed, {waiting} returned "
               "to the queue, 0 left unacknowledged")
     finally:

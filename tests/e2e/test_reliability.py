@@ -1,14 +1,16 @@
 """Nothing lost: a worker killed mid-batch, a tampered model, the embedded (no-server) setup."""
 
+import base64
 import json
+import signal
 import time
+from pathlib import Path
 
 import pytest
-import redis
 
+from bench.stack import poll_until
 from demo.synthetic import make_picture
 from tests.e2e.conftest import build_stack
-from tests.envelopes import tag_envelope
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # worker start-up on a busy 2-core machine
 
@@ -17,13 +19,20 @@ RESTORE_INTERVAL_S = 0.5
 
 
 def _unacked_image_ids(client) -> set[int]:
-    import base64
-
     ids = set()
     for raw in client.hvals("unacked"):
         message = json.loads(raw)[0]
         ids.add(json.loads(base64.b64decode(message["body"]))[0][0])
     return ids
+
+
+def _held(worker) -> float:
+    """Messages the worker took and has not written: its own account, from its /metrics."""
+    return worker.metric("stilltag_messages_received_total") - worker.metric("stilltag_images_total")
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_worker_killed_mid_batch_loses_no_image(stack_factory):
@@ -35,20 +44,29 @@ def test_a_worker_killed_mid_batch_loses_no_image(stack_factory):
     victim, survivor = stack.worker("victim"), stack.worker("survivor")
     victim.wait_ready()
     survivor.wait_ready()
-    client = redis.Redis.from_url(stack.settings_env["STILLTAG_BROKER_URL"])
-    pipe = client.pipeline()
-    for i in ids:
-        pipe.lpush("backfill", json.dumps(tag_envelope(i, queue="backfill")))
-    pipe.execute()
-
-    while len(stack.statuses()) < 20:  # both workers are busy now
-        time.sleep(0.01)
-    in_flight_before = _unacked_image_ids(client)
-    victim.kill()
-    killed_at = time.monotonic()
-    done_at_kill = set(stack.statuses())
-    lost_in_flight = _unacked_image_ids(client) & in_flight_before - done_at_kill
-    assert lost_in_flight, "the victim must have been holding unacknowledged images when it died"
+    # The survivor is paused before anything is queued (its pop does not block, so it holds
+    # nothing): every message taken until the kill is the victim's, and Redis's unacknowledged
+    # set at the kill is exactly what the victim held.
+    survivor.proc.send_signal(signal.SIGSTOP)
+    poll_until(lambda: _stopped(survivor.proc.pid), 10, "the survivor paused")
+    client = stack.redis
+    try:
+        stack.push("backfill", ids)
+        poll_until(lambda: victim.metric('stilltag_images_total{state="tagged"}') >= 20 and _held(victim) > 0, 120,
+                   "the victim has committed 20 images and holds more")
+        held_by_metrics = _held(victim)
+        victim.kill()
+        killed_at = time.monotonic()
+        held = _unacked_image_ids(client)  # before the survivor takes any
+        queued = client.llen("backfill")
+        committed = set(stack.statuses())
+    finally:
+        survivor.proc.send_signal(signal.SIGCONT)
+    lost_in_flight = held - committed
+    print(f"kill test: the victim held {len(held)} messages (its /metrics just before: {held_by_metrics:.0f}), "
+          f"{len(lost_in_flight)} of them uncommitted; {len(committed)} images committed, {queued} still queued")
+    assert lost_in_flight, "the victim must have been holding uncommitted images when it died"
+    assert len(committed) + len(lost_in_flight) + queued == len(ids), "a message was neither queued, held nor committed"
 
     stack.wait_for(lost_in_flight, timeout_s=VISIBILITY_TIMEOUT_S + 60)
     back_s = time.monotonic() - killed_at
@@ -60,10 +78,9 @@ def test_a_worker_killed_mid_batch_loses_no_image(stack_factory):
     assert back_s <= VISIBILITY_TIMEOUT_S + RESTORE_INTERVAL_S + 30
     rows = stack.suggestions()
     assert len(rows) == len(set((r[0], r[1]) for r in rows))  # no duplicate suggestion rows
-    deadline = time.monotonic() + 30
-    while client.hlen("unacked") or client.llen("backfill"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    poll_until(lambda: not (client.hlen("unacked") or client.llen("backfill")), 30, "every message acknowledged")
+    # Exactly the victim's held messages came back: the survivor took the queue's rest and those.
+    assert survivor.metric("stilltag_messages_received_total") == queued + len(held)
 
 
 def test_a_tampered_model_file_is_refused(stack_factory):

@@ -1,6 +1,5 @@
 """A running tagging worker follows the champion between batches: no restart, nothing lost or doubled."""
 
-import json
 import re
 import shutil
 import threading
@@ -8,13 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
+from bench.stack import poll_until, push
 from demo.synthetic import make_picture
 from shared import registry
 from shared.db import make_engine, session_factory, transaction
 from shared.stores import open_store
-from tests.envelopes import tag_envelope
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # worker start-up on a busy 2-core machine
 
@@ -28,15 +26,16 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def _batch_images(log: str) -> int:
-    return sum(int(n) for n in re.findall(r"batch of (\d+) ", log))
+def _model(worker) -> tuple[str | None, float]:
+    """The version the worker tags with (``stilltag_model_info``) and how often it has switched."""
+    found = re.search(r'^stilltag_model_info\{[^}]*version="([^"]+)"[^}]*\} 1\.0$', worker.probe("/metrics")[1], re.M)
+    return (found[1] if found else None), worker.metric("stilltag_model_switches_total")
 
 
-def _wait_log(worker, text: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while text not in worker.log():
-        assert time.monotonic() < deadline, f"{text!r} not in the worker log:\n{worker.log()[-3000:]}"
-        time.sleep(0.1)
+def _wait_model(worker, version: str, switches: int, timeout_s: float = 120) -> None:
+    poll_until(lambda: _model(worker) == (version, switches), timeout_s,
+               f"the worker tags with {version} after {switches} switch(es)",
+               detail=lambda: f"now {_model(worker)}; its log ends:\n{worker.log()[-3000:]}")
 
 
 def test_worker_switches_models_between_batches_while_messages_flow(stack_factory, tiny_learner):
@@ -46,7 +45,7 @@ def test_worker_switches_models_between_batches_while_messages_flow(stack_factor
     for i in ids:
         stack.put_image(i, picture)
     worker = stack.worker().wait_ready()
-    client = redis.Redis.from_url(stack.settings_env["STILLTAG_BROKER_URL"])
+    client = stack.redis
     sent: list[int] = []
     stop = threading.Event()
 
@@ -54,7 +53,7 @@ def test_worker_switches_models_between_batches_while_messages_flow(stack_factor
         for i in ids:
             if stop.is_set():
                 return
-            client.lpush("tagging", json.dumps(tag_envelope(i)))
+            push(client, "tagging", [i])
             sent.append(i)
             time.sleep(0.02)
 
@@ -65,7 +64,7 @@ def test_worker_switches_models_between_batches_while_messages_flow(stack_factor
         second = stack.root / "second-export.pkl"
         shutil.copyfile(tiny_learner, second)
         stack.cli("models", "register", str(second), "--promote")  # v2
-        _wait_log(worker, "switched model v1 → v2")
+        _wait_model(worker, "v2", 1)
 
         # v3 is registered with a broken file: the worker must keep v2 and say so.
         broken = stack.root / "broken-export.pkl"
@@ -76,7 +75,10 @@ def test_worker_switches_models_between_batches_while_messages_flow(stack_factor
                               artifact=broken, arch="resnet18", vocab=["x"])
             registry.promote(session=s, version="v3")
         engine.dispose()
-        _wait_log(worker, "new champion v3 failed to load, keeping v2")
+        # No metric counts a failed load: the worker's log line is what the operator sees.
+        poll_until(lambda: "new champion v3 failed to load, keeping v2" in worker.log(), 120,
+                   "the worker refuses v3", detail=lambda: worker.log()[-3000:])
+        assert _model(worker) == ("v2", 1)
     finally:
         stop.set()
         producer.join()
@@ -89,11 +91,10 @@ def test_worker_switches_models_between_batches_while_messages_flow(stack_factor
     for image_id, _tag, _p, version in stack.suggestions():
         per_image_versions.setdefault(image_id, set()).add(version)
     assert all(len(v) == 1 for v in per_image_versions.values())
-    deadline = time.monotonic() + 30
-    while client.hlen("unacked"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    assert _batch_images(worker.log()) == len(sent)
+    poll_until(lambda: not client.hlen("unacked"), 30, "every message acknowledged")
+    assert worker.metric("stilltag_messages_received_total") == len(sent)
+    assert worker.metric("stilltag_batch_size_sum") == len(sent), "a message was processed twice, or not at all"
+    assert _model(worker) == ("v2", 1)
     assert worker.proc.poll() is None
 
 
@@ -104,15 +105,16 @@ def test_five_switches_do_not_grow_memory(stack_factory, tiny_learner):
     stack.cli("models", "register", str(second))  # v2, a candidate
     picture = make_picture(4).jpeg()
     worker = stack.worker().wait_ready()
-    client = redis.Redis.from_url(stack.settings_env["STILLTAG_BROKER_URL"])
     next_id = iter(range(1, 10_000))
 
-    def tag_a_few() -> None:
+    def tag_a_few() -> set[str]:
+        """The model versions that tagged 16 new images."""
         batch = [next(next_id) for _ in range(16)]
         for i in batch:
             stack.put_image(i, picture)
-            client.lpush("tagging", json.dumps(tag_envelope(i)))
-        stack.wait_for(batch)
+        stack.push("tagging", batch)
+        statuses = stack.wait_for(batch)
+        return {statuses[i][2] for i in batch}
 
     tag_a_few()
     tag_a_few()
@@ -120,9 +122,8 @@ def test_five_switches_do_not_grow_memory(stack_factory, tiny_learner):
     readings = []
     for n, version in enumerate(["v2", "v1", "v2", "v1", "v2"], start=1):
         stack.cli("models", "promote", version)
-        time.sleep(POLL_S * 2)
-        tag_a_few()  # the switch happens before this batch
-        assert worker.log().count("switched model") == n
+        _wait_model(worker, version, n)  # an idle worker follows the champion too
+        assert tag_a_few() == {version}
         readings.append(_rss_mb(worker.proc.pid))
     print(f"worker RSS: {baseline:.0f} MB before, after each of 5 switches: "
           + ", ".join(f"{r:.0f}" for r in readings) + " MB")

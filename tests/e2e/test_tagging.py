@@ -4,33 +4,27 @@ import json
 import time
 
 import pytest
-import redis
 
+from bench.stack import poll_until
 from demo.synthetic import make_picture
 from shared.constants import PARKED_KEY, TAGGED_CHANNEL
-from tests.envelopes import broken_envelopes, lpush, tag_envelope
+from tests.envelopes import broken_envelopes, lpush
 from tests.images import png_bomb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]  # worker start-up on a busy 2-core machine
 
 
 def _wait_until_idle(client, timeout_s: float = 60) -> None:
-    """Until the queues are empty and every delivered message is acknowledged."""
-    deadline = time.monotonic() + timeout_s
-    while client.llen("tagging") or client.llen("backfill") or client.hlen("unacked"):
-        assert time.monotonic() < deadline, "messages still queued or unacknowledged"
-        time.sleep(0.05)
-
-
-def _redis(stack):
-    return redis.Redis.from_url(stack.settings_env["STILLTAG_BROKER_URL"])
+    """Until the queues are empty and every delivered message is acknowledged (after its commit)."""
+    poll_until(lambda: not (client.llen("tagging") or client.llen("backfill") or client.hlen("unacked")), timeout_s,
+               "the queues empty and every message acknowledged")
 
 
 def test_raw_lpush_is_tagged_exactly_like_the_celery_client(running):
     data = make_picture(1, size=(320, 200)).jpeg()
     running.put_image(101, data)
     running.put_image(102, data)  # the same picture under two IDs
-    lpush(_redis(running), "tagging", tag_envelope(101))  # what the website's Ruby code does
+    running.push("tagging", [101])  # what the website's Ruby code does
     running.cli("enqueue", "102")  # Celery's own Python client
     statuses = running.wait_for([101, 102])
     assert statuses[101][0] == statuses[102][0] == "tagged"
@@ -40,19 +34,18 @@ def test_raw_lpush_is_tagged_exactly_like_the_celery_client(running):
 
 def test_event_is_published_after_commit(running):
     running.put_image(201, make_picture(2).jpeg())
-    pubsub = _redis(running).pubsub()
+    pubsub = running.redis.pubsub()
     pubsub.subscribe(TAGGED_CHANNEL)
     assert pubsub.get_message(timeout=5)["type"] == "subscribe"
     running.cli("enqueue", "201")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+
+    def event_for_201() -> dict | None:
         msg = pubsub.get_message(timeout=1)
-        if msg and msg["type"] == "message":
-            event = json.loads(msg["data"])
-            if event["image_id"] == 201:
-                break
-    else:
-        pytest.fail("no event for image 201")
+        if msg and msg["type"] == "message" and (event := json.loads(msg["data"]))["image_id"] == 201:
+            return event
+        return None
+
+    event = poll_until(event_for_201, 120, "a stilltag:tagged event for image 201", interval_s=0)
     assert event == {"image_id": 201, "state": "tagged", "model_version": "v1"}
     assert running.statuses()[201][0] == "tagged"  # the row was committed before the event
     pubsub.close()
@@ -72,11 +65,7 @@ def test_bad_images_fail_alone_and_the_rest_of_the_batch_is_tagged(running):
     for i, (data, _) in bad.items():
         if data is not None:
             running.put_image(i, data)
-    client = _redis(running)
-    pipe = client.pipeline()
-    for i in [*good[:2], *bad, good[2]]:
-        pipe.lpush("tagging", json.dumps(tag_envelope(i)))
-    pipe.execute()  # all at once: they share a batch
+    running.push("tagging", [*good[:2], *bad, good[2]])  # all at once: they share a batch
     statuses = running.wait_for([*good, *bad])
     for i in good:
         assert statuses[i][0] == "tagged"
@@ -86,17 +75,15 @@ def test_bad_images_fail_alone_and_the_rest_of_the_batch_is_tagged(running):
 
 
 def test_malformed_messages_are_parked_and_never_stop_the_worker(running):
-    client = _redis(running)
+    client = running.redis
     client.delete(PARKED_KEY)
     broken = broken_envelopes(401)
     for raw in broken.values():
         lpush(client, "tagging", raw)
     running.put_image(402, make_picture(402).jpeg())
-    lpush(client, "tagging", tag_envelope(402))
+    running.push("tagging", [402])
     assert running.wait_for([402])[402][0] == "tagged"
-    deadline = time.monotonic() + 10
-    while client.llen(PARKED_KEY) < len(broken) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    poll_until(lambda: client.llen(PARKED_KEY) >= len(broken), 10, f"{len(broken)} messages parked")
     parked = [json.loads(p) for p in client.lrange(PARKED_KEY, 0, -1)]
     assert len(parked) == len(broken)
     assert all(p["reason"] and p["queue"] == "tagging" for p in parked)
@@ -111,7 +98,7 @@ def test_a_duplicated_message_leaves_the_same_rows_as_one(running):
     running.wait_for([501])
     once = [r for r in running.suggestions() if r[0] == 501]
     running.cli("enqueue", "501", "501")
-    _wait_until_idle(_redis(running))
+    _wait_until_idle(running.redis)
     assert [r for r in running.suggestions() if r[0] == 501] == once
 
 
@@ -120,12 +107,8 @@ def test_uploads_are_served_before_backfill(running):
     picture = make_picture(7).jpeg()
     for i in [*ids, 2000]:
         running.put_image(i, picture)
-    client = _redis(running)
-    pipe = client.pipeline()
-    for i in ids:
-        pipe.lpush("backfill", json.dumps(tag_envelope(i, queue="backfill")))
-    pipe.execute()
-    lpush(client, "tagging", tag_envelope(2000))  # one upload arrives behind a burst of backfill
+    running.push("backfill", ids)
+    running.push("tagging", [2000])  # one upload arrives behind a burst of backfill
     running.wait_for([*ids, 2000], timeout_s=300)
     with running.engine().connect() as c:
         import sqlalchemy as sa
@@ -142,13 +125,23 @@ def test_uploads_are_served_before_backfill(running):
 
 
 def test_a_lone_upload_is_tagged_in_its_own_small_batch(running):
+    worker = running.workers[0]
     running.put_image(601, make_picture(601).jpeg())
-    time.sleep(1.0)  # the worker is idle
+    _wait_until_idle(running.redis)  # acknowledged after commit: the earlier batches are all counted
+
+    def counts() -> tuple[float, float, float]:
+        return (worker.metric("stilltag_batches_total"), worker.metric("stilltag_batch_size_count"),
+                worker.metric("stilltag_batch_size_sum"))
+
+    before = counts()
     t0 = time.monotonic()
-    lpush(_redis(running), "tagging", tag_envelope(601))
-    running.wait_for([601])
+    running.push("tagging", [601])
+    # The batch-size histogram is observed last, after the commit and the batch counter.
+    poll_until(lambda: worker.metric("stilltag_batch_size_count") > before[1], 60, "a batch committed after the upload",
+               detail=lambda: worker.log()[-3000:])
     latency_ms = (time.monotonic() - t0) * 1000
-    lines = [line for line in running.workers[0].log().splitlines() if "batch of" in line]
-    print(f"lone upload: enqueue→commit {latency_ms:.0f} ms; worker log: {lines[-1]}")
-    assert "batch of 1 " in lines[-1]  # it waited for no other image
+    batches, sizes_seen, images = (after - b for after, b in zip(counts(), before))
+    print(f"lone upload: enqueue→commit {latency_ms:.0f} ms in {batches:.0f} batch(es) of {images:.0f} image(s)")
+    assert (batches, sizes_seen, images) == (1, 1, 1), "the lone upload waited for, or was batched with, others"
+    assert running.statuses()[601][0] == "tagged"
     assert latency_ms < 30_000

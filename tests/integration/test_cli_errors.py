@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 
+from bench.stack import stilltag as run_stilltag
 from shared.config import ENV_PREFIX
 
 pytestmark = pytest.mark.integration
@@ -19,8 +19,7 @@ def stilltag(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess:
     """``stilltag ARGS`` in its own process with only ``env`` set among the ``STILLTAG_*`` names."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     base[ENV_PREFIX + "DATA_DIR"] = str(tmp_path / "data")
-    return subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=base | env, capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)
+    return run_stilltag(base | env, *args, check=False, timeout_s=120, cwd=tmp_path)
 
 
 def one_line_failure(result: subprocess.CompletedProcess, code: int) -> str:

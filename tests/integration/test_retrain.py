@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
+from bench.stack import poll_until
+from bench.stack import stilltag as run_stilltag
 from demo.synthetic import VOCAB, make_pictures
 from shared import registry
 from shared.config import get_settings
@@ -147,8 +148,7 @@ def start_training_worker(settings, log_path: Path) -> subprocess.Popen:
 def stilltag(settings, *args) -> subprocess.CompletedProcess:
     """``stilltag ARGS`` in its own process, as an admin runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings)
-    return subprocess.run([sys.executable, "-m", "stilltag.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return run_stilltag(env, *args, check=False, timeout_s=120)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -161,14 +161,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def wait_for(predicate, timeout_s: float, what: str, log_path: Path | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    log = log_path.read_text(errors="replace")[-4000:] if log_path and log_path.exists() else ""
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{log}")
+def wait_for(predicate, timeout_s: float, what: str, log_path: Path):
+    return poll_until(predicate, timeout_s, what, interval_s=0.5,
+                      detail=lambda: log_path.read_text(errors="replace")[-4000:] if log_path.exists() else "")
 
 
 @pytest.mark.timeout(900)  # two training runs; on a busy 2-core machine each can take minutes
