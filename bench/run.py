@@ -69,7 +69,14 @@ def export_learner(folder: Path, *, arch: str, size: int) -> Path:
     import pandas as pd
     import torchvision
     from fastai.vision.all import (
-        ColReader, DataBlock, ImageBlock, MultiCategoryBlock, Normalize, RandomSplitter, Resize, imagenet_stats,
+        ColReader,
+        DataBlock,
+        ImageBlock,
+        MultiCategoryBlock,
+        Normalize,
+        RandomSplitter,
+        Resize,
+        imagenet_stats,
         vision_learner,
     )
 

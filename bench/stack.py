@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -130,7 +130,7 @@ def stilltag(env: dict[str, str], *args: str, check: bool = True, timeout_s: flo
     return done
 
 
-def poll_until(condition: Callable[[], T], timeout_s: float, what: str, *, interval_s: float = POLL_INTERVAL_S,
+def poll_until(condition: Callable[[], T | None], timeout_s: float, what: str, *, interval_s: float = POLL_INTERVAL_S,
                detail: Callable[[], str] | None = None) -> T:
     """Call ``condition`` until it returns something truthy, and return that.
 
@@ -160,7 +160,8 @@ class Stack:
             **{ENV_PREFIX + k.upper(): str(v) for k, v in settings.items()},
         }
         self.workers: list[WorkerProcess] = []
-        self._engine = self._redis = None
+        self._engine: sa.Engine | None = None
+        self._redis: Any = None  # a redis.Redis, made on first use
 
     @property
     def env(self) -> dict[str, str]:
@@ -228,11 +229,11 @@ class Stack:
 
     def suggestions(self) -> list[tuple]:
         with self.engine().connect() as c:
-            return c.execute(
+            return [tuple(row) for row in c.execute(
                 sa.select(tag_suggestions.c.image_id, tag_suggestions.c.tag, tag_suggestions.c.probability,
                           tag_suggestions.c.model_version)
                 .order_by(tag_suggestions.c.image_id, tag_suggestions.c.tag)
-            ).all()
+            )]
 
     def wait_for(self, image_ids, timeout_s: float = 120) -> dict:
         """Until every image in ``image_ids`` has a committed status; returns :meth:`statuses`."""

@@ -7,12 +7,23 @@ from pathlib import Path
 from demo.synthetic import VOCAB, make_pictures
 
 
-def train_tiny_learner(workdir: Path, *, n_images: int = 64, size: int = 64, epochs: int = 2, seed: int = 0, lr: float = 1e-3) -> Path:
+def train_tiny_learner(
+    workdir: Path, *, n_images: int = 64, size: int = 64, epochs: int = 2, seed: int = 0, lr: float = 1e-3
+) -> Path:
     """Train a tiny multi-label learner the way the seed project did and ``export()`` it."""
     import pandas as pd
     from fastai.vision.all import (
-        ColReader, DataBlock, ImageBlock, MultiCategoryBlock, Normalize, RandomSplitter, Resize, aug_transforms,
-        imagenet_stats, resnet18, vision_learner,
+        ColReader,
+        DataBlock,
+        ImageBlock,
+        MultiCategoryBlock,
+        Normalize,
+        RandomSplitter,
+        Resize,
+        aug_transforms,
+        imagenet_stats,
+        resnet18,
+        vision_learner,
     )
 
     image_dir = workdir / "images"

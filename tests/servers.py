@@ -41,7 +41,7 @@ class PrivateRedis:
     def pid(self) -> int:
         return int((self.folder / "redis.pid").read_text())
 
-    def start(self) -> "PrivateRedis":
+    def start(self) -> PrivateRedis:
         subprocess.run(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
              "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction", "--dir", str(self.folder),
@@ -94,7 +94,7 @@ class PrivatePostgres:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         subprocess.run([*prefix, *args], check=True, capture_output=True)
 
-    def start(self) -> "PrivatePostgres":
+    def start(self) -> PrivatePostgres:
         if not self.data.exists():
             if os.geteuid() == 0:
                 user = pwd.getpwnam("postgres")

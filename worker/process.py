@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 START_TIMEOUT_S = 300  # importing torch + fastai and loading the learner on a busy machine
 STOP_TIMEOUT_S = 60
@@ -47,15 +48,15 @@ class WorkerProcess:
         self.log_path = log_path
         self.queues = queues
         self.name = name
-        self.proc: subprocess.Popen | None = None
-        self._log = None
+        self.proc: subprocess.Popen | None = None  # None until start()
+        self._log: IO[str] | None = None
 
-    def start(self) -> "WorkerProcess":
-        self._log = open(self.log_path, "w")
+    def start(self) -> WorkerProcess:
+        self._log = log = open(self.log_path, "w")
         args = [sys.executable, "-m", "stilltag.cli", "worker", "--queues", self.queues]
         if self.name:
             args += ["--hostname", self.name]
-        self.proc = subprocess.Popen(args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     def log(self) -> str:
@@ -75,12 +76,18 @@ class WorkerProcess:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> "WorkerProcess":
+    def _started(self) -> subprocess.Popen:
+        if self.proc is None:
+            raise RuntimeError(f"{self.log_path.name}: the worker was never started")
+        return self.proc
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> WorkerProcess:
         """Until the worker's ``/readyz`` answers 200; raises with its log if it exits or takes too long."""
         deadline = time.monotonic() + timeout_s
+        proc = self._started()
         while self.probe("/readyz")[0] != 200:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited with {self.proc.returncode}; its log "
+            if proc.poll() is not None:
+                raise RuntimeError(f"the worker exited with {proc.returncode}; its log "
                                    f"({self.log_path}) ends:\n{self.log()[-4000:]}")
             if time.monotonic() > deadline:
                 self.stop()
@@ -92,21 +99,24 @@ class WorkerProcess:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM (the worker finishes the batch in hand), SIGKILL if it does not stop in time.
         Also closes the log of a worker that exited by itself; calling it twice is harmless."""
-        if self.proc is None:
+        proc = self.proc
+        if proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout_s)
+                proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
+                proc.kill()
+                proc.wait()
+        if self._log is not None and not self._log.closed:
             self._log.close()
-        return self.proc.returncode
+        return proc.returncode
 
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self._log.close()
+        proc = self._started()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if self._log is not None:
+            self._log.close()

@@ -67,7 +67,7 @@ class Uploads:
         push(self.client, "backfill", ids)
         self.pushed.extend(ids)
 
-    def start(self) -> "Uploads":
+    def start(self) -> Uploads:
         self._thread.start()
         return self
 
@@ -87,7 +87,7 @@ def _back(workers, before, back_at: float, label: str, figures: dict) -> None:
     commit_s: list[float | None] = [None] * len(workers)
 
     def all_back() -> bool:
-        for i, (w, (received0, batches0)) in enumerate(zip(workers, before)):
+        for i, (w, (received0, batches0)) in enumerate(zip(workers, before, strict=True)):
             received, batches = w.metric("stilltag_messages_received_total"), w.metric("stilltag_batches_total")
             now = time.monotonic() - back_at
             if consume_s[i] is None and received > received0:
@@ -117,7 +117,7 @@ def _celery_back(app, back_at: float, label: str, figures: dict) -> None:
             replies = app.control.inspect(timeout=1).ping() or {}
         except Exception:  # this client's own connection is coming back too
             return False
-        return NODES <= set(replies)
+        return set(replies) >= NODES
 
     poll_until(all_answer, back_at + BACK_WITHIN_S - time.monotonic(), f"{label}: every worker answers inspect ping",
                interval_s=0.2, detail=lambda: f"no reply from {NODES - set(replies)}")

@@ -51,7 +51,7 @@ class Events:
         if event.get("type", "").startswith("worker-"):
             self.seen.append((event["type"], event.get("hostname", "")))
 
-    def start(self) -> "Events":
+    def start(self) -> Events:
         self._thread.start()
         self._ready.wait(30)
         return self

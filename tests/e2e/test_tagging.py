@@ -140,7 +140,7 @@ def test_a_lone_upload_is_tagged_in_its_own_small_batch(running):
     poll_until(lambda: worker.metric("stilltag_batch_size_count") > before[1], 60, "a batch committed after the upload",
                detail=lambda: worker.log()[-3000:])
     latency_ms = (time.monotonic() - t0) * 1000
-    batches, sizes_seen, images = (after - b for after, b in zip(counts(), before))
+    batches, sizes_seen, images = (after - b for after, b in zip(counts(), before, strict=True))
     print(f"lone upload: enqueue→commit {latency_ms:.0f} ms in {batches:.0f} batch(es) of {images:.0f} image(s)")
     assert (batches, sizes_seen, images) == (1, 1, 1), "the lone upload waited for, or was batched with, others"
     assert running.statuses()[601][0] == "tagged"

@@ -37,7 +37,7 @@ def embedded(tmp_path, monkeypatch, tiny_learner):
 
 def test_the_celery_task_tags_one_image_with_the_preloaded_champion(embedded):
     import worker.service
-    import worker.tasks  # noqa: F401  (what a Celery worker imports at start: registers stilltag.tag)
+    import worker.tasks
     from shared.celery_app import create_app
     from shared.constants import TAG_TASK
 

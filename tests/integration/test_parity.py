@@ -36,7 +36,7 @@ def test_worker_probabilities_match_learn_predict(tiny_learner):
     max_diff = float(np.abs(ours - theirs).max())
     print(f"parity: max |worker - learn.predict| = {max_diff:.6f} over {len(data)} images x {len(model.vocab)} tags")
     assert max_diff <= 0.01
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         ours_tags = {t for t, _ in select_tags(a, model.vocab, threshold=THRESHOLD, top_k=len(model.vocab))}
         fastai_tags = {model.vocab[i] for i in np.flatnonzero(b >= THRESHOLD)}
         assert ours_tags == fastai_tags

@@ -73,10 +73,9 @@ def test_retagging_with_the_same_model_replaces_rows(sessions):
 
 
 def test_a_failed_transaction_writes_nothing(sessions):
-    with pytest.raises(RuntimeError):
-        with transaction(sessions) as s:
-            persist_batch(session=s, model_version="v1", results=[tagged(1, [("red", 0.9)])])
-            raise RuntimeError("commit never happens")
+    with pytest.raises(RuntimeError), transaction(sessions) as s:
+        persist_batch(session=s, model_version="v1", results=[tagged(1, [("red", 0.9)])])
+        raise RuntimeError("commit never happens")
     assert _rows(sessions) == ([], [])
 
 
@@ -117,8 +116,8 @@ def test_db_upgrade_names_the_database_without_its_password(pg_url, monkeypatch)
     from sqlalchemy.engine import make_url
     from typer.testing import CliRunner
 
-    from stilltag.cli import app
     from shared.config import get_settings
+    from stilltag.cli import app
 
     url = make_url(pg_url).set(password="s3cret")  # trust auth: the server ignores it
     monkeypatch.setenv("STILLTAG_DATABASE_URL", url.render_as_string(hide_password=False))

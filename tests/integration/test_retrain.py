@@ -273,10 +273,9 @@ def test_a_retrain_while_another_holds_the_redis_lock_is_skipped(make_settings, 
 
 
 def test_unknown_retrain_options_are_refused(make_settings):
+    from shared.errors import SettingsError
     from training.service import with_overrides
 
-    from shared.errors import SettingsError
-
-    with pytest.raises(SettingsError, match="unknown retrain option.*database_url"):
+    with pytest.raises(SettingsError, match=r"unknown retrain option.*database_url"):
         with_overrides(make_settings(), {"database_url": "sqlite://"})
     assert with_overrides(make_settings(), {"train_arch": "resnet34"}).train_arch == "resnet34"

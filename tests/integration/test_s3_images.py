@@ -20,7 +20,7 @@ def test_fetch_from_s3_and_a_missing_object(s3_server):
     source = ImageSource("s3://stills/uploads/{image_id}.jpg", endpoint_url=s3_server.endpoint)
     source.put(1, b"image 1")
     assert source.fetch(1) == b"image 1"
-    with pytest.raises(ObjectMissing, match="s3://stills/uploads/99.jpg"):
+    with pytest.raises(ObjectMissing, match=r"s3://stills/uploads/99\.jpg"):
         source.fetch(99)
 
 

@@ -30,9 +30,9 @@ def test_last_success_is_read_back_from_the_registry(tmp_path):
         assert metrics.RETRAIN_LAST_SUCCESS._value.get() == 0
         with transaction(rt.sessions) as s:
             record = registry.register(session=s, store=rt.model_store, artifact=artifact, arch="resnet18",
-                                       vocab=["a"], dataset_size=100, snapshot_at=dt.datetime.now(dt.timezone.utc))
+                                       vocab=["a"], dataset_size=100, snapshot_at=dt.datetime.now(dt.UTC))
         _restore_last_success(rt)
-        created = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=dt.timezone.utc)
+        created = record.created_at if record.created_at.tzinfo else record.created_at.replace(tzinfo=dt.UTC)
         assert metrics.RETRAIN_LAST_SUCCESS._value.get() == pytest.approx(created.timestamp(), abs=1)
     finally:
         rt.close()

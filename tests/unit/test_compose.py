@@ -97,7 +97,7 @@ def resolve_command(args: list[str], *, parse: bool = True) -> list[str]:
         name = rest.pop(0)
         sub = command.commands.get(name)
         assert sub is not None, (
-            f"`stilltag {' '.join(path + [name])}` does not exist; "
+            f"`stilltag {' '.join([*path, name])}` does not exist; "
             f"`stilltag {' '.join(path)}` has: {', '.join(sorted(command.commands))}"
         )
         path.append(name)

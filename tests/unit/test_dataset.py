@@ -13,8 +13,16 @@ import sqlalchemy as sa
 from shared.db import image_tags, make_engine, session_factory, transaction
 from shared.migrate import upgrade
 from training.dataset import (
-    DatasetError, collect, drop_rare_tags, export_dataset, in_holdout, query_params, read_rows, split,
+    DatasetError,
+    collect,
+    drop_rare_tags,
+    export_dataset,
+    in_holdout,
+    query_params,
+    read_rows,
+    split,
 )
+
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def database(request, make_settings, tmp_path):
@@ -36,7 +44,7 @@ def fill(sessions, labels: dict[int, set[str]]) -> None:
 
 
 def test_one_tag_per_row_and_space_separated_give_the_same_labels(database):
-    url, sessions = database
+    _url, sessions = database
     fill(sessions, {1: {"cat", "dog"}, 2: {"cat"}})
     with sessions() as session:
         one = collect(read_rows(session=session, query="SELECT image_id, tag FROM image_tags"))
@@ -111,7 +119,7 @@ def test_export_with_bound_parameters_and_the_split(database, make_settings):
              "(SELECT tag FROM image_tags GROUP BY tag HAVING COUNT(*) >= :min_tag_images) "
              "AND :snapshot_at IS NOT NULL ORDER BY image_id")
     settings = make_settings(database_url=url, dataset_query=query, train_min_tag_images=3, holdout_pct=10)
-    now = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     with sessions() as session:
         ds = export_dataset(session=session, settings=settings, now=now)
     assert ds.vocab == ["common", "even", "odd"]

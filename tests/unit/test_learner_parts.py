@@ -51,7 +51,7 @@ def export_recipe_learner(workdir: Path, settings) -> Path:
     pictures = make_pictures(range(1, 9), size=(PICTURE_PX, PICTURE_PX))
     examples = [Example(p.image_id, p.tags) for p in pictures]
     dataset = Dataset(train=examples[:6], valid=examples[6:], holdout=[], vocab=sorted(VOCAB),
-                      snapshot_at=dt.datetime.now(dt.timezone.utc))
+                      snapshot_at=dt.datetime.now(dt.UTC))
     dls = recipe.build_dataloaders(dataset, settings, device=torch.device("cpu"))
     learn = recipe.build_learner(dls, settings, workdir=workdir)
     learn.export(workdir / "export.pkl")

@@ -89,7 +89,7 @@ def readme_stilltag_invocations() -> list[list[str]]:
             words = shlex.split(line, comments=True)
             for i, word in enumerate(words):
                 # `uv run stilltag ...`, or `docker compose run ... cli ...` (the image's entrypoint)
-                if word == "stilltag" and words[i - 1 : i] == ["run"] or word == "cli" and "compose" in words:
+                if (word == "stilltag" and words[i - 1 : i] == ["run"]) or (word == "cli" and "compose" in words):
                     args = words[i + 1 :]
                     found.append(args[: args.index("&")] if "&" in args else args)
                     break
@@ -139,7 +139,7 @@ def ruby_literal(source: str, names: dict) -> object:
     py = re.sub(r"\bnil\b", "None", py)
     scope = {"_b64json": lambda x: base64.b64encode(json.dumps(x).encode()).decode(), "_uuid": lambda: str(uuid.uuid4()),
              "_now": time.time}
-    return eval(py, scope, dict(names))  # noqa: S307 - our own README, translated above
+    return eval(py, scope, dict(names))
 
 
 def test_ruby_enqueue_builds_the_envelope_workers_accept():
@@ -176,7 +176,7 @@ def test_retraining_section_states_the_real_defaults():
     assert f"`STILLTAG_TRAIN_ARCH` ({defaults['train_arch'].default})" in text
     assert f"`STILLTAG_GATE_TOLERANCE` (default {defaults['gate_tolerance'].default:g})" in text
     assert f"expires within {LOCK_TTL_S // 60} minutes" in text
-    assert f"F2 (samples-averaged, at `STILLTAG_THRESHOLD`)" in text
+    assert "F2 (samples-averaged, at `STILLTAG_THRESHOLD`)" in text
 
 
 def test_delivery_section_states_the_real_defaults():

@@ -30,12 +30,12 @@ def test_monthly_by_default(make_settings):
 
 def test_next_run_is_the_first_of_next_month_at_three(make_settings):
     cron = beat_entry(make_settings()).schedule
-    last = dt.datetime(2025, 1, 1, 3, 0, tzinfo=dt.timezone.utc)
-    now = dt.datetime(2025, 1, 15, 12, 0, tzinfo=dt.timezone.utc)
+    last = dt.datetime(2025, 1, 1, 3, 0, tzinfo=dt.UTC)
+    now = dt.datetime(2025, 1, 15, 12, 0, tzinfo=dt.UTC)
     cron.nowfun = lambda: now
-    assert now + cron.remaining_estimate(last) == dt.datetime(2025, 2, 1, 3, 0, tzinfo=dt.timezone.utc)
+    assert now + cron.remaining_estimate(last) == dt.datetime(2025, 2, 1, 3, 0, tzinfo=dt.UTC)
     assert not cron.is_due(last).is_due
-    cron.nowfun = lambda: dt.datetime(2025, 2, 1, 3, 0, 30, tzinfo=dt.timezone.utc)
+    cron.nowfun = lambda: dt.datetime(2025, 2, 1, 3, 0, 30, tzinfo=dt.UTC)
     assert cron.is_due(last).is_due
 
 
