@@ -152,7 +152,7 @@ class RunRecorder:
             self.stage = fields.get("name")
         if name == "stage" and fields.get("name") != self.stage:
             self.stage = fields.get("name")
-            self._write(stage=self.stage, epoch=None, n_epochs=None)
+            self._write(stage=self.stage)
         elif name == "epoch_start":
             self._write(False, epoch=fields.get("epoch"), n_epochs=fields.get("n_epochs"))
         elif name == "done":
