@@ -67,8 +67,10 @@ def ruby(code: str, redis_url: str, tmp_path: Path) -> subprocess.CompletedProce
 
 def env_for(settings) -> dict[str, str]:
     names = ["data_dir", "database_url", "broker_url", *FAST_RUN]
-    # No health server: its fixed port may be in use by another test run on this machine.
-    return {f"STILLTAG_{n.upper()}": str(getattr(settings, n)) for n in names} | {"STILLTAG_METRICS_PORT": "0"}
+    # No health server: its fixed port may be in use by another test run on this machine. One torch
+    # thread: on a shared, busy CI machine, spinning OpenMP threads made a tiny epoch take minutes.
+    return {f"STILLTAG_{n.upper()}": str(getattr(settings, n)) for n in names} | {
+        "STILLTAG_METRICS_PORT": "0", "OMP_NUM_THREADS": "1"}
 
 
 def run_row(settings, run_id: str) -> dict | None:
@@ -81,8 +83,9 @@ def run_row(settings, run_id: str) -> dict | None:
 
 
 def events(pubsub) -> list[dict]:
+    """The events received so far (the subscription's own confirmation is not one)."""
     out = []
-    while (message := pubsub.get_message(timeout=0.1)) is not None:
+    while (message := pubsub.get_message(timeout=0.5)) is not None:
         if message["type"] == "message":
             out.append(json.loads(message["data"]))
     return out
@@ -132,7 +135,7 @@ def test_a_retrain_from_ruby_is_recorded_and_announced(make_settings, pg_url, re
     settings = make_settings(database_url=pg_url, broker_url=redis_url, **FAST_RUN)
     seed_website(settings, N_IMAGES)
     client = redis.Redis.from_url(redis_url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub()
     pubsub.subscribe(RETRAIN_CHANNEL)
 
     call = ('puts stilltag_retrain(Redis.new(url: ENV["STILLTAG_BROKER_URL"]), train_epochs_unfrozen: 1, '
@@ -186,7 +189,7 @@ def test_a_run_whose_worker_was_killed_fails_when_the_next_worker_starts(make_se
     assert queued["state"] == "queued" and queued["options"] == {"train_epochs_unfrozen": 20}
 
     client = redis.Redis.from_url(redis_url)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub = client.pubsub()
     pubsub.subscribe(RETRAIN_CHANNEL)
     first_log = tmp_path / "first-worker.log"
     first = worker(settings, first_log)
