@@ -46,24 +46,20 @@ def train_now(settings, overrides: dict) -> None:
     """Run a retrain in this process with live progress bars."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from shared.runtime import Runtime
     from training import runs
     from training.lock import RetrainBusy
     from training.service import retrain, with_overrides
 
     trained = with_overrides(settings, overrides)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    rt = Runtime(settings)
     with Progress(*columns, console=console, transient=False) as bars:
         on_progress, stage, batches = progress_bars(bars)
         try:
-            with runs.tracked(rt, runs.new_run_id(), overrides, forward=on_progress) as recorder:
+            with runs.tracked(settings, None, overrides, forward=on_progress) as recorder:
                 record = retrain(trained, progress=recorder)
         except RetrainBusy as exc:
             console.print(f"[yellow]not started:[/yellow] {exc}")
             raise typer.Exit(1) from None
-        finally:
-            rt.close()
         bars.update(stage, description="[bold]done[/bold]", total=1, completed=1)
         bars.update(batches, visible=False)
     show_version(record.version)

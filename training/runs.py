@@ -166,28 +166,32 @@ class RunRecorder:
 
 
 @contextmanager
-def tracked(rt: Runtime, run_id: str, options: dict | None = None, *,
+def tracked(settings: Settings, run_id: str | None, options: dict | None = None, *,
             forward: Progress | None = None) -> Iterator[RunRecorder]:
     """Record a retrain run around the block; the block passes the recorder as ``progress``.
 
-    The block's exception still propagates: skipped for ``RetrainBusy`` and ``DatasetError``,
-    failed for anything else.
+    ``run_id`` None: a fresh one. The block's exception still propagates: the run is skipped for
+    ``RetrainBusy`` and ``DatasetError``, failed for anything else.
     """
-    recorder = RunRecorder(rt, run_id, options, forward=forward)
-    recorder.queued()
+    rt = Runtime(settings)
+    recorder = RunRecorder(rt, run_id or new_run_id(), options, forward=forward)
     try:
-        yield recorder
-    except RetrainBusy as exc:
-        recorder.finish(RUN_SKIPPED, reason=one_line(str(exc)))
-        raise
-    except DatasetError as exc:
-        recorder.finish(RUN_SKIPPED, reason=f"nothing to train on: {one_line(str(exc))}")
-        raise
-    except BaseException as exc:
-        recorder.finish(RUN_FAILED, reason=f"{type(exc).__name__}: {one_line(str(exc))}"[:2000])
-        raise
-    else:
-        recorder.finish(RUN_SUCCEEDED, reason=recorder.reason, version=recorder.version)
+        recorder.queued()
+        try:
+            yield recorder
+        except RetrainBusy as exc:
+            recorder.finish(RUN_SKIPPED, reason=one_line(str(exc)))
+            raise
+        except DatasetError as exc:
+            recorder.finish(RUN_SKIPPED, reason=f"nothing to train on: {one_line(str(exc))}")
+            raise
+        except BaseException as exc:
+            recorder.finish(RUN_FAILED, reason=f"{type(exc).__name__}: {one_line(str(exc))}"[:2000])
+            raise
+        else:
+            recorder.finish(RUN_SUCCEEDED, reason=recorder.reason, version=recorder.version)
+    finally:
+        rt.close()
 
 
 # --- runs whose process died ------------------------------------------------------------------

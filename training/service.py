@@ -137,21 +137,18 @@ def _log_progress(event: str, fields: dict) -> None:
         log.info("retrain: %s — %s", fields.get("name"), fields.get("detail", ""))
 
 
-def retrain_from_task(run_id: str | None = None, /, **options) -> str:
+def retrain_from_task(run_id: str | None = None, /, **options) -> str:  # run_id: the task's, names its retrain_runs row
     """The ``stilltag.retrain`` task's body. ``options`` are ``train_*`` settings to override.
 
-    ``run_id`` (the task's id) names the run's ``retrain_runs`` row (training/runs.py). A retrain
-    refused by the lock is skipped (logged, not retried): the running one is as fresh.
+    A retrain refused by the lock is skipped (logged, not retried): the running one is as fresh.
     """
     from training import metrics, runs
 
     base = _worker_settings or get_settings()
     outcome = "failed"
-    rt = Runtime(base)
     try:
-        with metrics.RETRAIN_DURATION.time(), \
-                runs.tracked(rt, run_id or runs.new_run_id(), options, forward=_log_progress) as recorder:
-            record = retrain(with_overrides(base, options), progress=recorder)
+        with metrics.RETRAIN_DURATION.time(), runs.tracked(base, run_id, options, forward=_log_progress) as progress:
+            record = retrain(with_overrides(base, options), progress=progress)
         outcome = record.status if record.status in metrics.OUTCOMES else "candidate"
         metrics.RETRAIN_LAST_SUCCESS.set_to_current_time()
     except RetrainBusy as exc:
@@ -160,7 +157,6 @@ def retrain_from_task(run_id: str | None = None, /, **options) -> str:
         return f"skipped: {exc}"
     finally:
         metrics.RETRAIN_RUNS.labels(outcome).inc()
-        rt.close()
     return f"{record.version} {record.status}: {record.reason}"
 
 

@@ -251,7 +251,7 @@ def _states(rt) -> dict[str, tuple]:
     (RuntimeError("CUDA out of\nmemory"), "failed", "RuntimeError: CUDA out of memory"),
 ])
 def test_a_run_that_raises_ends_skipped_or_failed_with_the_reason(sqlite_rt, error, state, reason):
-    with pytest.raises(type(error)), runs.tracked(sqlite_rt, "r1", {"train_arch": "resnet18"}) as progress:
+    with pytest.raises(type(error)), runs.tracked(sqlite_rt.settings, "r1", {"train_arch": "resnet18"}) as progress:
         progress("stage", {"name": "dataset"})
         raise error
     got_state, _stage, got_reason = _states(sqlite_rt)["r1"]
@@ -259,9 +259,9 @@ def test_a_run_that_raises_ends_skipped_or_failed_with_the_reason(sqlite_rt, err
 
 
 def test_a_run_that_takes_the_lock_fails_the_runs_left_running(sqlite_rt):
-    with runs.tracked(sqlite_rt, "dead", {}) as progress:
+    with runs.tracked(sqlite_rt.settings, "dead", {}) as progress:
         progress("stage", {"name": "frozen"})
-        with runs.tracked(sqlite_rt, "next", {}) as progress_next:
+        with runs.tracked(sqlite_rt.settings, "next", {}) as progress_next:
             assert _states(sqlite_rt)["dead"][0] == "running"
             progress_next("stage", {"name": "dataset"})  # from inside the lock: "dead" cannot be alive
             assert _states(sqlite_rt)["dead"][0] == "failed"
