@@ -157,7 +157,7 @@ class WeightsUnavailable(UserError):
 
 
 WAYS_OUT = ("set STILLTAG_TRAIN_PRETRAINED=false to train from scratch, or STILLTAG_TRAIN_WEIGHTS=/path/to/{arch}.pth "
-            "(a torchvision state dict, e.g. downloaded elsewhere from {url})")
+            "(a torchvision state dict, e.g. that file downloaded on another machine)")
 
 
 def weights_url(builder) -> str:
@@ -216,7 +216,7 @@ def build_learner(dls, settings: Settings, *, workdir: Path):
         what = url or f"torchvision's default weights for {settings.train_arch}"
         raise WeightsUnavailable(
             f"cannot download the ImageNet weights for {settings.train_arch} ({what}): {_reason(exc)}; "
-            + WAYS_OUT.format(arch=settings.train_arch, url=url or "torchvision")
+            + WAYS_OUT.format(arch=settings.train_arch)
         ) from None
 
 
