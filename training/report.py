@@ -142,7 +142,8 @@ def plot_pr_curves(probs: np.ndarray, truth: np.ndarray, vocab: list[str], *, th
         ax.legend(fontsize=7, loc="lower left")
     for ax in axes[len(order):]:
         ax.set_visible(False)
-    fig.suptitle(f"{PR_CURVES[1]}: x recall, y precision; red dot = per-tag threshold, black x = global")
+    fig.suptitle("Holdout precision (y) against recall (x) per tag, support in brackets\n"
+                 "red dot: the tag's own threshold; black x: the global threshold")
     fig.savefig(path)
     return [vocab[j] for j in order]
 
