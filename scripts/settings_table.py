@@ -33,6 +33,7 @@ EXAMPLES: dict[str, str] = {
     "max_batch": "128",
     "max_wait_ms": "20",
     "threshold": "0.3",
+    "thresholds": "per_tag",
     "top_k": "5",
     "device": "cuda:0",
     "fetch_concurrency": "32",
@@ -46,6 +47,7 @@ EXAMPLES: dict[str, str] = {
     "stall_exit_s": "300",
     "train_arch": "resnet50",
     "train_pretrained": "false",
+    "train_weights": "/models/resnet152-f82ba261.pth",
     "train_image_size": "256",
     "train_batch_size": "32",
     "train_lr": "0.003",
@@ -57,6 +59,9 @@ EXAMPLES: dict[str, str] = {
     "holdout_seed": "holdout-2025",
     "dataset_query": "SELECT id AS image_id, tags FROM stills WHERE tags <> ''",
     "gate_tolerance": "0.005",
+    "threshold_floor": "0.1",
+    "threshold_ceiling": "0.6",
+    "threshold_min_positives": "20",
     "retrain_schedule": "0 2 * * 0",
 }
 
