@@ -22,6 +22,7 @@ from shared.db import transaction
 from shared.errors import SettingsError, UserError, one_line
 from shared.registry import ModelVersion
 from shared.runtime import Runtime
+from training.dataset import DatasetError
 from training.lock import RetrainBusy, retrain_lock
 
 if TYPE_CHECKING:
@@ -215,10 +216,10 @@ def retrain_from_task(run_id: str | None = None, /, **options) -> str:  # run_id
             record = retrain(with_overrides(base, options), progress=progress)
         outcome = record.status if record.status in metrics.OUTCOMES else "candidate"
         metrics.RETRAIN_LAST_SUCCESS.set_to_current_time()
-    except RetrainBusy as exc:
+    except (RetrainBusy, DatasetError) as exc:  # the retrain_runs row says skipped too (training/runs.py)
         outcome = "skipped"
-        log.warning("retrain skipped: %s", exc)
-        return f"skipped: {exc}"
+        log.warning("retrain skipped: %s", one_line(str(exc)))
+        return f"skipped: {one_line(str(exc))}"
     except UserError as exc:  # e.g. no ImageNet weights offline: one line says what to change, no traceback
         log.error("retrain failed: %s", one_line(str(exc)))
         return f"failed: {one_line(str(exc))}"
