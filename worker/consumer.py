@@ -61,6 +61,7 @@ class Batch:
     queues: list[str] = field(default_factory=list)
     arrived_at: list[float] = field(default_factory=list)  # monotonic, per message: for the queue wait
     first_at: float = 0.0
+    staged: Future | None = None  # GPU: the input's copy to the device, started at dispatch (Tagger.stage_async)
 
 
 class BrokerLost(ConnectionError):
@@ -141,6 +142,7 @@ class BatchConsumer:
 
     def _dispatch(self) -> None:
         batch, self.batch = self.batch, Batch()
+        batch.staged = self.tagger.stage_async(batch.futures)
         while True:  # the inference thread is busy: keep acknowledging while we wait for it
             self._ack_done()
             try:
@@ -330,7 +332,8 @@ class BatchConsumer:
                 for arrived in batch.arrived_at:
                     metrics.QUEUE_WAIT.observe(started - arrived)
                 t0 = time.perf_counter()
-                self.tagger.run_batch([f.result() for f in batch.futures])
+                staged = batch.staged.result() if batch.staged is not None else None
+                self.tagger.run_batch([f.result() for f in batch.futures], staged)
                 log.info("batch of %d (%d from %s) tagged with %s in %.0f ms", len(batch.messages),
                          batch.queues.count(self.queues[0]), self.queues[0], self.tagger.loaded.version,
                          (time.perf_counter() - t0) * 1000)
