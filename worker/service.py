@@ -171,8 +171,8 @@ class Tagger:
         jpegs = [p for p in ok if p.jpeg is not None]
         if jpegs:
             try:  # batched on the device; pixels from the CPU decoder join them there
-                on_device = dict(zip([p.image_id for p in jpegs], model.decode_jpegs([p.jpeg for p in jpegs if p.jpeg is not None]),
-                                     strict=True))
+                decoded = model.decode_jpegs([p.jpeg for p in jpegs if p.jpeg is not None])
+                on_device = dict(zip([p.image_id for p in jpegs], decoded, strict=True))
             except Exception as exc:  # e.g. a CMYK JPEG nvjpeg refuses: the whole batch on the CPU
                 log.warning("decoding %d JPEGs on the device failed (%s); decoding them on the CPU", len(jpegs), exc)
                 return None
