@@ -44,7 +44,7 @@ REDUCED_PRECISIONS = ("bf16", "fp16")
 # at most, its 99th percentile, and the share of tag decisions at the threshold that flip.
 PARITY_LIMITS = {"max_diff": 0.02, "p99_diff": 0.005, "flip_share": 0.001}
 PARITY_THRESHOLD = 0.2  # the seed's threshold, where decisions are counted
-TRAIN_IMAGES = 48  # generated pictures the benchmark's learner is trained on (for parity)
+TRAIN_IMAGES = 48  # generated pictures the benchmark's learner is trained on (for parity); quick: 16
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def parse_variant(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 
 
 # --- the learner ----------------------------------------------------------------------------
-def export_learner(folder: Path, *, arch: str, size: int) -> Path:
+def export_learner(folder: Path, *, arch: str, size: int, train_images: int = TRAIN_IMAGES) -> Path:
     """A learner shaped like the seed model (squish to ``size``, ImageNet stats), trained for two
     epochs on generated pictures (so its probabilities spread out, for the parity figures), exported."""
     import pandas as pd
@@ -124,7 +124,7 @@ def export_learner(folder: Path, *, arch: str, size: int) -> Path:
         raise typer.BadParameter(f"{arch!r} is not a torchvision model (e.g. resnet18, resnet152)", param_hint="--arch")
     rows = []
     (folder / "train").mkdir(parents=True, exist_ok=True)
-    for pic in make_pictures(range(1, TRAIN_IMAGES + 1)):
+    for pic in make_pictures(range(1, train_images + 1)):
         path = folder / "train" / f"{pic.image_id}.jpg"
         pic.image.save(path)
         rows.append({"path": str(path), "tags": " ".join(pic.tags)})
@@ -466,7 +466,8 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
         for name, n in counts.items():
             ids[name] = list(range(first, first + n))
             first += n
-        learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size)
+        learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size,
+                                 train_images=16 if plan.parity_images < 64 else TRAIN_IMAGES)
         result.update({"arch": plan.arch, "device": plan.device, "device_name": _device_name(plan.device),
                        "image_size": plan.size, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms,
                        "images": plan.images, "baseline_images": plan.baseline_images, "rounds": plan.rounds,
