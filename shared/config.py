@@ -81,7 +81,13 @@ class Settings(BaseSettings):
         description="Decode JPEGs on the GPU in batches (torchvision.io.decode_jpeg); CUDA only.",
     )
     fetch_concurrency: int = Field(default=16, ge=1, le=512, description="Concurrent image fetches per batch.")
-    decode_workers: int = Field(default=0, ge=0, le=256, description="Decode threads; 0 = one per CPU core.")
+    decode_workers: int = Field(
+        default=0, ge=0, le=256, description="Images decoded at once (fetches wait apart); 0 = one per CPU core."
+    )
+    decode_nice: int = Field(
+        default=0, ge=0, le=19,
+        description="Niceness of the fetch/decode threads (Linux): above 0 the forward pass gets the cores first.",
+    )
     max_image_pixels: int = Field(
         default=80_000_000, ge=1, description="Larger images are refused (decompression bombs)."
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,8 +65,12 @@ class Tagger:
         self._last_poll = 0.0
         self._failed_version: str | None = None  # a champion that would not load, not retried until
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
-        workers = settings.fetch_concurrency + (settings.decode_workers or os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+        decoders = settings.decode_workers or os.cpu_count() or 1
+        # Fetches are I/O and many run at once; decodes are CPU work and at most ``decoders`` run at
+        # once, so that they do not crowd out the forward pass's threads.
+        self._decode_slots = threading.BoundedSemaphore(decoders)
+        self.pool = ThreadPoolExecutor(settings.fetch_concurrency + decoders, thread_name_prefix="prepare",
+                                       initializer=_lower_priority, initargs=(settings.decode_nice,))
         if settings.torch_threads:
             import torch
 
@@ -142,7 +148,8 @@ class Tagger:
                 data = self.runtime.images.fetch(image_id)
                 if self._device_decode(prep) and is_jpeg(data, max_pixels=self.settings.max_image_pixels):
                     return Prepared(image_id, prep, jpeg=data)
-                pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels)
+                with self._decode_slots:
+                    pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels)
             return Prepared(image_id, prep, pixels=pixels)
         except ImageRejected as exc:
             return Prepared(image_id, prep, error=str(exc))
@@ -259,6 +266,15 @@ class Tagger:
         if self.model is not None:
             self.model.release()
         self.runtime.close()
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's niceness (Linux threads have their own); elsewhere nothing."""
+    if nice and hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:
+            log.warning("could not lower the decode threads' priority: %s", exc)
 
 
 _process_tagger: Tagger | None = None
