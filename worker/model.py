@@ -12,6 +12,7 @@ import gc
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,7 +191,12 @@ class TaggingModel:
         from torchvision.transforms.v2.functional import resize
 
         data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-        images = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=self.device)
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders for TorchCodec's; TorchCodec is not a dependency
+            # yet, and decode_jpeg is still the batched nvjpeg path the issue asks for.
+            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
+                                    DeprecationWarning)
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=self.device)
         size = [self.prep.height, self.prep.width]
         return [resize(img, size, antialias=True).permute(1, 2, 0) for img in images]
 
