@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -124,7 +124,7 @@ def export_learner(folder: Path, *, arch: str, size: int, train_images: int = TR
         raise typer.BadParameter(f"{arch!r} is not a torchvision model (e.g. resnet18, resnet152)", param_hint="--arch")
     rows = []
     (folder / "train").mkdir(parents=True, exist_ok=True)
-    for pic in make_pictures(range(1, train_images + 1)):
+    for pic in make_pictures(range(1, max(train_images, 8) + 1)):
         path = folder / "train" / f"{pic.image_id}.jpg"
         pic.image.save(path)
         rows.append({"path": str(path), "tags": " ".join(pic.tags)})
@@ -135,8 +135,9 @@ def export_learner(folder: Path, *, arch: str, size: int, train_images: int = TR
     )
     dls = block.dataloaders(pd.DataFrame(rows), bs=8, num_workers=0)
     learn = vision_learner(dls, arch_fn, pretrained=False)
-    with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(2, 1e-3)
+    if train_images:
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(2, 1e-3)
     learn.path = folder
     learn.export("export.pkl")
     return folder / "export.pkl"
@@ -388,8 +389,8 @@ def report(plan: Plan, result: dict) -> None:
         Console().print(f"[bold yellow]warning:[/] the load was above half the cores ({result['cores'] / 2:g}): "
                         "other work shared the machine, the rates are low and noisy; the ratios hold better")
 
-    par = Table(title=f"parity against fp32 (worker path, {result['parity'][REDUCED_PRECISIONS[0]]['decisions']} "
-                      f"decisions at {PARITY_THRESHOLD})")
+    decisions = [fig["decisions"] for fig in result["parity"].values()][:1] or [0]
+    par = Table(title=f"parity against fp32 (worker path, {decisions[0]} decisions at {PARITY_THRESHOLD})")
     par.add_column("precision")
     par.add_column("max |Δp|", justify="right")
     par.add_column("p99 |Δp|", justify="right")
@@ -453,7 +454,9 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
 
     cores = os.cpu_count() or 1
     result: dict = {"load_avg_start": load_figures(), "cores": cores}
-    worker_settings = {"max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms, "device": plan.device,
+    # A worker that makes no progress for stall_exit_s exits; loading several at once on a busy
+    # machine can take longer than the default, and the benchmark would lose a variant for it.
+    worker_settings = {"stall_exit_s": 900, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms, "device": plan.device,
                        "inference_precision": plan.precision, "inference_compile": plan.compile_mode}
     with tempfile.TemporaryDirectory(prefix="stilltag-bench-") as tmp, \
             claimed_stack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url, **worker_settings) as stack, \
@@ -467,17 +470,21 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
             ids[name] = list(range(first, first + n))
             first += n
         learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size,
-                                 train_images=16 if plan.parity_images < 64 else TRAIN_IMAGES)
+                                 train_images=0 if not plan.parity_images else
+                                 16 if plan.parity_images < 64 else TRAIN_IMAGES)
         result.update({"arch": plan.arch, "device": plan.device, "device_name": _device_name(plan.device),
                        "image_size": plan.size, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms,
                        "images": plan.images, "baseline_images": plan.baseline_images, "rounds": plan.rounds,
                        "precision": plan.precision, "compile": plan.compile_mode,
                        "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024})
         learn = load_fastai(learner, plan.device)
-        parity = measure_parity(plan, learn, movie_jpegs(plan.parity_images, seed=1,
-                                                         distinct_per_size=-(-plan.parity_images // 4)))
+        if plan.parity_images:
+            parity = measure_parity(plan, learn, movie_jpegs(plan.parity_images, seed=1,
+                                                             distinct_per_size=-(-plan.parity_images // 4)))
+            chosen: dict[str, Any] = parity.get(plan.precision, {"max_diff": 0.0, "p99_diff": 0.0, "flip_share": 0.0})
+        else:  # --no-parity: an untrained learner, no parity figures (profiling runs)
+            parity, chosen = {}, dict.fromkeys(("max_diff", "p99_diff", "flip_share"))
         result["parity"] = parity
-        chosen = parity.get(plan.precision, {"max_diff": 0.0, "p99_diff": 0.0, "flip_share": 0.0})
         for key in ("max_diff", "p99_diff", "flip_share"):
             result[f"parity_{key}"] = chosen[key]
         stack.register_champion(learner)
@@ -520,6 +527,9 @@ def bench(
     = MIN_ROUNDS,
     precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto (as STILLTAG_INFERENCE_PRECISION); "
                                                 "the limit and the worker both use it.")] = "auto",
+    parity: Annotated[bool, typer.Option(help="Train the learner briefly and measure bf16/fp16 parity "
+                                               "(--no-parity: an untrained learner, for quicker profiling runs).")]
+    = True,
     compile_mode: Annotated[str, typer.Option("--compile", help="off, default or reduce-overhead "
                                                                  "(as STILLTAG_INFERENCE_COMPILE).")] = "off",
     variant: Annotated[list[str] | None, typer.Option(help="Another end-to-end worker in the same rounds, "
@@ -543,6 +553,8 @@ def bench(
     plan = make_plan(arch=arch, images=images, quick=quick, max_batch=max_batch, max_wait_ms=max_wait_ms,
                      device=device, rounds=rounds, precision=precision, compile_mode=compile_mode,
                      variants=tuple(parse_variant(v) for v in variant))
+    if not parity:
+        plan = replace(plan, parity_images=0)
     result = run_bench(plan, redis_url=redis.rstrip("/"), pg_admin_url=postgres)
     report(plan, result)
     if json_path is not None:
