@@ -69,3 +69,8 @@ def test_explicit_precision_is_kept_on_any_device(precision):
 def test_unknown_precision_in_code_is_refused():
     with pytest.raises(ValueError, match="inference precision must be auto, fp32, bf16, fp16"):
         resolve_precision("int8", "cpu")
+
+
+def test_auto_on_a_gpu_is_fp16():
+    # Decided by the parity figures (README, "Precision"); resolving needs no GPU.
+    assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1") == "fp16"
