@@ -8,7 +8,12 @@ Measured in one process tree on one machine with one exported learner (README, "
   worker's own settings: what no pipeline can beat;
 * end to end — messages LPUSHed to Redis, a real ``stilltag worker`` process, timed until every
   image's ``stilltag:tagged`` event (sent after commit) has arrived;
-* latency — enqueue → commit for a trickle of uploads, and for one upload behind a burst of backfill.
+* latency — enqueue → commit for a trickle of uploads, and for one upload behind a burst of backfill;
+* parity — each reduced precision (bf16, fp16) against fp32, on a learner trained for a moment.
+
+The rates are measured in rounds, their order rotating from round to round, so that other load on
+the machine falls on every phase alike; each is reported as the median and the min–max of its rounds,
+and every ratio comes from the same run. The load average is recorded at the start and the end.
 
 Benchmarks are not tests: nothing here asserts a speed.
 """
@@ -21,9 +26,11 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -31,6 +38,13 @@ import typer
 TRICKLE_INTERVAL_MS = 200  # one upload every 200 ms
 LIMIT_MIN_S = 8.0  # the forward-pass loop runs at least this long (quick: 1 s)
 EVENT_TIMEOUT_S = 1800  # a whole run on a slow machine; only a hung worker reaches it
+MIN_ROUNDS = 3
+REDUCED_PRECISIONS = ("bf16", "fp16")
+# A reduced precision may be a device's default only within these (issue 11): |p - p_fp32|
+# at most, its 99th percentile, and the share of tag decisions at the threshold that flip.
+PARITY_LIMITS = {"max_diff": 0.02, "p99_diff": 0.005, "flip_share": 0.001}
+PARITY_THRESHOLD = 0.2  # the seed's threshold, where decisions are counted
+TRAIN_IMAGES = 48  # generated pictures the benchmark's learner is trained on (for parity); quick: 16
 
 
 @dataclass(frozen=True)
@@ -46,26 +60,49 @@ class Plan:
     backfill: int  # backfill messages in the burst ahead of one upload
     distinct_per_size: int
     limit_min_s: float
+    rounds: int = MIN_ROUNDS
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+    compile_mode: str = "off"
+    parity_images: int = 64
+    # Extra end-to-end phases: (name, {STILLTAG_*: value}), each its own worker on its own Redis DB,
+    # measured in the same rounds (before/after comparisons on a busy machine).
+    variants: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = field(default=())
 
 
-def make_plan(*, arch: str, images: int, quick: bool, max_batch: int, max_wait_ms: int, device: str) -> Plan:
-    from worker.model import resolve_device
+def make_plan(*, arch: str, images: int, quick: bool, max_batch: int, max_wait_ms: int, device: str,
+              rounds: int = MIN_ROUNDS, precision: str = "auto", compile_mode: str = "off",
+              variants: tuple = ()) -> Plan:
+    from worker.model import resolve_device, resolve_precision
 
     device = resolve_device(device)
     gpu = device.startswith("cuda")
     arch = arch or ("resnet152" if gpu else "resnet18")
+    common: dict[str, Any] = {"rounds": rounds, "precision": resolve_precision(precision, device), "compile_mode": compile_mode,
+              "variants": variants}
     if quick:  # proves the benchmark works (CI); the numbers mean little
         return Plan(arch, device, 64, images or 16, min(images or 16, 8), max_batch or 8, max_wait_ms, 5,
-                    2 * (max_batch or 8), 1, 1.0)
+                    2 * (max_batch or 8), 1, 0.5, parity_images=16, **common)
     max_batch = max_batch or 64
     images = images or (1024 if gpu else 256)
     return Plan(arch, device, 224, images, min(images, 128 if gpu else 64), max_batch, max_wait_ms,
-                100 if gpu else 50, 4 * max_batch, 8, LIMIT_MIN_S)
+                100 if gpu else 50, 4 * max_batch, 8, LIMIT_MIN_S, **common)
+
+
+def parse_variant(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``name:STILLTAG_X=1,OMP_Y=2`` → ``("name", (("STILLTAG_X", "1"), ("OMP_Y", "2")))``: environment
+    variables of a variant's worker."""
+    name, _, spec = text.partition(":")
+    pairs = [p.partition("=") for p in spec.split(",") if p]
+    if not name.isidentifier() or not pairs or any(not k.isupper() or not eq for k, eq, _ in pairs):
+        raise typer.BadParameter(f"{text!r}: expected NAME:VAR=VALUE[,VAR=VALUE] (e.g. "
+                                 "threads1:STILLTAG_TORCH_THREADS=1,OMP_WAIT_POLICY=PASSIVE)", param_hint="--variant")
+    return name, tuple((k, v) for k, _, v in pairs)
 
 
 # --- the learner ----------------------------------------------------------------------------
-def export_learner(folder: Path, *, arch: str, size: int) -> Path:
-    """An untrained learner shaped like the seed model (squish to ``size``, ImageNet stats), exported."""
+def export_learner(folder: Path, *, arch: str, size: int, train_images: int = TRAIN_IMAGES) -> Path:
+    """A learner shaped like the seed model (squish to ``size``, ImageNet stats), trained for two
+    epochs on generated pictures (so its probabilities spread out, for the parity figures), exported."""
     import pandas as pd
     import torchvision
     from fastai.vision.all import (
@@ -87,7 +124,7 @@ def export_learner(folder: Path, *, arch: str, size: int) -> Path:
         raise typer.BadParameter(f"{arch!r} is not a torchvision model (e.g. resnet18, resnet152)", param_hint="--arch")
     rows = []
     (folder / "train").mkdir(parents=True, exist_ok=True)
-    for pic in make_pictures(range(1, 9)):
+    for pic in make_pictures(range(1, max(train_images, 8) + 1)):
         path = folder / "train" / f"{pic.image_id}.jpg"
         pic.image.save(path)
         rows.append({"path": str(path), "tags": " ".join(pic.tags)})
@@ -98,6 +135,9 @@ def export_learner(folder: Path, *, arch: str, size: int) -> Path:
     )
     dls = block.dataloaders(pd.DataFrame(rows), bs=8, num_workers=0)
     learn = vision_learner(dls, arch_fn, pretrained=False)
+    if train_images:
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(2, 1e-3)
     learn.path = folder
     learn.export("export.pkl")
     return folder / "export.pkl"
@@ -119,21 +159,55 @@ def load_fastai(learner: Path, device: str):
         return load_learner(learner, cpu=device == "cpu")
 
 
-def measure_fastai(plan: Plan, learn, paths: list[Path]) -> dict[str, float]:
-    """baseline (a loop of ``learn.predict``) and fastai batched (``get_preds`` on a test DataLoader)."""
-    out: dict[str, float] = {}
+def measure_fastai(plan: Plan, learn, paths: list[Path]) -> dict[str, Callable[[], float]]:
+    """baseline (a loop of ``learn.predict``) and fastai batched (``get_preds`` on a test DataLoader),
+    warmed up, as phases of the rounds."""
     with learn.no_bar(), learn.no_logging():
-        learn.predict(paths[0])  # warm-up
-        t0 = time.perf_counter()
-        for p in paths[: plan.baseline_images]:
-            learn.predict(p)
-        out["baseline_img_s"] = plan.baseline_images / (time.perf_counter() - t0)
+        learn.predict(paths[0])
+        learn.get_preds(dl=learn.dls.test_dl(paths[: plan.max_batch], bs=plan.max_batch))
 
-        learn.get_preds(dl=learn.dls.test_dl(paths[: plan.max_batch], bs=plan.max_batch))  # warm-up
-        t0 = time.perf_counter()
-        learn.get_preds(dl=learn.dls.test_dl(paths, bs=plan.max_batch))
-        out["fastai_batched_img_s"] = len(paths) / (time.perf_counter() - t0)
+    def baseline() -> float:
+        with learn.no_bar(), learn.no_logging():
+            t0 = time.perf_counter()
+            for p in paths[: plan.baseline_images]:
+                learn.predict(p)
+            return plan.baseline_images / (time.perf_counter() - t0)
+
+    def batched() -> float:
+        with learn.no_bar(), learn.no_logging():
+            t0 = time.perf_counter()
+            learn.get_preds(dl=learn.dls.test_dl(paths, bs=plan.max_batch))
+            return len(paths) / (time.perf_counter() - t0)
+
+    return {"baseline_img_s": baseline, "fastai_batched_img_s": batched}
+
+
+def measure_parity(plan: Plan, learn, jpegs: list[bytes]) -> dict[str, dict[str, float]]:
+    """Each reduced precision against fp32 through the worker's own path, on the same pixels."""
+    from worker.model import TaggingModel
+    from worker.preprocess import decode_image
+
+    def probs(model) -> np.ndarray:
+        return np.concatenate([model.predict(pixels[i:i + plan.max_batch])
+                               for i in range(0, len(pixels), plan.max_batch)])
+
+    reference = TaggingModel(learn, version="fp32", device=plan.device, precision="fp32")
+    pixels = np.stack([decode_image(j, reference.prep, max_pixels=10**9) for j in jpegs])
+    base = probs(reference)
+    out = {}
+    for precision in REDUCED_PRECISIONS:
+        model = TaggingModel(learn, version=precision, device=plan.device, precision=precision)
+        out[precision] = _parity(base, probs(model))
     return out
+
+
+def _parity(base: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    diff = np.abs(other - base)
+    flips = (other >= PARITY_THRESHOLD) != (base >= PARITY_THRESHOLD)
+    figures = {"max_diff": float(diff.max()), "p99_diff": float(np.percentile(diff, 99)),
+               "flip_share": float(flips.mean()), "decisions": int(flips.size), "flips": int(flips.sum())}
+    figures["within_limits"] = all(figures[k] <= v for k, v in PARITY_LIMITS.items())
+    return figures
 
 
 class Limit:
@@ -143,7 +217,9 @@ class Limit:
         from worker.model import TaggingModel
 
         self.plan = plan
-        self.model = TaggingModel(learn, version="bench", device=plan.device)
+        self.model = TaggingModel(learn, version="bench", device=plan.device, precision=plan.precision,
+                                  compile_mode=plan.compile_mode, compile_batch=plan.max_batch)
+        self.model.compiled.wait()  # the limit is the compiled model's, when it compiles
         rng = np.random.default_rng(0)
         pixels = rng.integers(0, 256, (plan.max_batch, self.model.prep.height, self.model.prep.width, 3), dtype=np.uint8)
         self.x = self.model.to_input(pixels)
@@ -176,29 +252,84 @@ class Limit:
 
 
 # --- end to end -----------------------------------------------------------------------------
-def measure_end_to_end(plan: Plan, stack, learner: Path, ids: dict[str, list[int]]) -> dict[str, float]:
-    """Throughput through Redis → worker process → database, then the two latency measures."""
+def run_rounds(plan: Plan, phases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Every phase once per round; the order rotates, so no phase always runs after the same one."""
+    names = list(phases)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(plan.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            gc.collect()
+            samples[name].append(phases[name]())
+    return samples
+
+
+def throughput(stack, push: Callable[[str, list[int]], float], events, image_ids: list[int]) -> float:
+    """``image_ids`` LPUSHed as backfill, until each one's event: img/s. Checks the rows."""
+    events.forget(image_ids)
+    t0 = push("backfill", image_ids)
+    seen = events.wait(image_ids, EVENT_TIMEOUT_S)
+    end = max(t for t, _ in seen.values())
+    failed = [i for i, (_, state) in seen.items() if state != "tagged"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} image(s) failed in the worker: {failed[:10]}")
+    statuses = stack.statuses()
+    committed = sum(statuses.get(i, ("",))[0] == "tagged" for i in image_ids)
+    if committed != len(image_ids):
+        raise RuntimeError(f"events for {len(seen)} images but {committed} tagged rows in the database")
+    return len(seen) / (end - t0)
+
+
+def start_variants(plan: Plan, stack, claims: ExitStack, redis_url: str, ids: dict[str, list[int]]):
+    """One worker per variant, each on a Redis DB of its own (same database, images and champion),
+    warmed up: end-to-end phases for the rounds."""
+    import redis
+
+    from bench.stack import claim_redis_db, push
+    from bench.traffic import Events
+    from shared.config import ENV_PREFIX
+    from worker.process import WorkerProcess
+
+    started = []
+    for name, env in plan.variants:
+        broker = claims.enter_context(claim_redis_db(redis_url))
+        worker = WorkerProcess({**stack.env, ENV_PREFIX + "BROKER_URL": broker, **dict(env)}, stack.root / f"{name}.log")
+        claims.callback(worker.stop)
+        client = redis.Redis.from_url(broker)
+        claims.callback(client.close)
+        events = Events(broker)
+        claims.callback(events.close)
+        started.append((name, worker.start(), client, events))
+    phases: dict[str, Callable[[], float]] = {}
+    for name, worker, client, events in started:
+        worker.wait_ready()
+        push(client, "tagging", ids["warmup"])
+        events.wait(ids["warmup"], EVENT_TIMEOUT_S)
+        phases[f"variant_{name}_img_s"] = _variant_phase(stack, client, events, ids["throughput"])
+    return phases
+
+
+def _variant_phase(stack, client, events, image_ids: list[int]) -> Callable[[], float]:
+    from bench.stack import push
+
+    return lambda: throughput(stack, lambda queue, i: push(client, queue, i), events, image_ids)
+
+
+def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]],
+                       phases: dict[str, Callable[[], float]]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """The rounds (``phases`` and throughput through Redis → worker process → database), then the
+    two latency measures."""
     from bench.stack import poll_until
     from bench.traffic import Events
 
-    stack.register_champion(learner)
     worker = stack.worker().wait_ready()
     events = Events(stack.broker_url)
     try:
         stack.push("tagging", ids["warmup"])  # first batches pay for lazy initialisation
         events.wait(ids["warmup"], EVENT_TIMEOUT_S)
 
-        t0 = stack.push("backfill", ids["throughput"])
-        seen = events.wait(ids["throughput"], EVENT_TIMEOUT_S)
-        end = max(t for t, _ in seen.values())
-        out = {"end_to_end_img_s": len(seen) / (end - t0)}
-        failed = [i for i, (_, state) in seen.items() if state != "tagged"]
-        if failed:
-            raise RuntimeError(f"{len(failed)} image(s) failed in the worker: {failed[:10]}")
-        statuses = stack.statuses()
-        committed = sum(statuses.get(i, ("",))[0] == "tagged" for i in ids["throughput"])
-        if committed != len(ids["throughput"]):
-            raise RuntimeError(f"events for {len(seen)} images but {committed} tagged rows in the database")
+        samples = run_rounds(plan, {**phases, "end_to_end_img_s": lambda: throughput(
+            stack, stack.push, events, ids["throughput"])})
+        out: dict[str, float] = {}
 
         sent: dict[int, float] = {}
         start = time.perf_counter()
@@ -219,7 +350,7 @@ def measure_end_to_end(plan: Plan, stack, learner: Path, ids: dict[str, list[int
         t_upload = stack.push("tagging", [upload])
         out["behind_backfill_ms"] = (events.wait([upload], EVENT_TIMEOUT_S)[upload][0] - t_upload) * 1000
         events.wait(ids["backfill"], EVENT_TIMEOUT_S)
-        return out
+        return samples, out
     finally:
         events.close()
         stack.stop_workers()
@@ -230,21 +361,46 @@ def report(plan: Plan, result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    base, limit, e2e = result["baseline_img_s"], result["limit_img_s"], result["end_to_end_img_s"]
+    base, limit = result["baseline_img_s"], result["limit_img_s"]
     table = Table(title=f"stilltag bench — {plan.arch} at {plan.size} px on {result['device_name']}, "
-                        f"max_batch {plan.max_batch}, max_wait_ms {plan.max_wait_ms}")
+                        f"max_batch {plan.max_batch}, max_wait_ms {plan.max_wait_ms}, {plan.precision}, "
+                        f"{plan.rounds} rounds")
     table.add_column("measure")
     table.add_column("images", justify="right")
-    table.add_column("img/s", justify="right")
+    table.add_column("img/s (median)", justify="right")
+    table.add_column("min–max", justify="right")
     table.add_column("× baseline", justify="right")
     table.add_column("of limit", justify="right")
-    rows = [("baseline: learn.predict loop", plan.baseline_images, base),
-            ("fastai batched: get_preds(test_dl)", plan.images, result["fastai_batched_img_s"]),
-            ("limit: forward at max_batch", None, limit),
-            ("end to end: Redis → worker → DB", plan.images, e2e)]
-    for name, n, rate in rows:
-        table.add_row(name, str(n) if n else "-", f"{rate:.1f}", f"{rate / base:.2f}", f"{rate / limit:.0%}")
+    rows = [("baseline: learn.predict loop", plan.baseline_images, "baseline_img_s"),
+            ("fastai batched: get_preds(test_dl)", plan.images, "fastai_batched_img_s"),
+            ("limit: forward at max_batch", None, "limit_img_s"),
+            ("end to end: Redis → worker → DB", plan.images, "end_to_end_img_s")]
+    rows += [(f"variant {name}: {', '.join(f'{k}={v}' for k, v in env)}", plan.images, f"variant_{name}_img_s")
+             for name, env in plan.variants]
+    for name, n, key in rows:
+        rate, (lo, hi) = result[key], result[f"{key}_spread"]
+        table.add_row(name, str(n) if n else "-", f"{rate:.1f}", f"{lo:.1f}–{hi:.1f}", f"{rate / base:.2f}",
+                      f"{rate / limit:.0%}")
     Console().print(table)
+    load = (f"load average (1, 5, 15 min) {result['load_avg_start']} at the start, {result['load_avg_end']} "
+            f"at the end, on {result['cores']} cores")
+    Console().print(load)
+    if result["busy_machine"]:
+        Console().print(f"[bold yellow]warning:[/] the load was above half the cores ({result['cores'] / 2:g}): "
+                        "other work shared the machine, the rates are low and noisy; the ratios hold better")
+
+    decisions = [fig["decisions"] for fig in result["parity"].values()][:1] or [0]
+    par = Table(title=f"parity against fp32 (worker path, {decisions[0]} decisions at {PARITY_THRESHOLD})")
+    par.add_column("precision")
+    par.add_column("max |Δp|", justify="right")
+    par.add_column("p99 |Δp|", justify="right")
+    par.add_column("flips", justify="right")
+    par.add_column(f"within {PARITY_LIMITS['max_diff']} / {PARITY_LIMITS['p99_diff']} / "
+                   f"{PARITY_LIMITS['flip_share']:.1%}")
+    for precision, fig in result["parity"].items():
+        par.add_row(precision, f"{fig['max_diff']:.4f}", f"{fig['p99_diff']:.4f}",
+                    f"{fig['flips']} ({fig['flip_share']:.2%})", "yes" if fig["within_limits"] else "no")
+    Console().print(par)
 
     lat = Table(title="latency, enqueue → commit")
     lat.add_column("measure")
@@ -279,13 +435,32 @@ def _device_name(device: str) -> str:
     return f"CPU ({os.cpu_count()} cores, torch {torch.get_num_threads()} threads)"
 
 
+def load_figures() -> list[float]:
+    """1, 5 and 15 minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def summarise(result: dict, samples: dict[str, list[float]]) -> None:
+    """Median, min–max and the rounds of each rate."""
+    for key, values in samples.items():
+        result[key] = float(np.median(values))
+        result[f"{key}_spread"] = [float(min(values)), float(max(values))]
+        result[f"{key}_rounds"] = [float(v) for v in values]
+
+
 def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
     from bench.stack import claimed_stack
     from bench.traffic import movie_jpegs
 
+    cores = os.cpu_count() or 1
+    result: dict = {"load_avg_start": load_figures(), "cores": cores}
+    # A worker that makes no progress for stall_exit_s exits; loading several at once on a busy
+    # machine can take longer than the default, and the benchmark would lose a variant for it.
+    worker_settings = {"stall_exit_s": 900, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms, "device": plan.device,
+                       "inference_precision": plan.precision, "inference_compile": plan.compile_mode}
     with tempfile.TemporaryDirectory(prefix="stilltag-bench-") as tmp, \
-            claimed_stack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url, max_batch=plan.max_batch,
-                          max_wait_ms=plan.max_wait_ms, device=plan.device) as stack:
+            claimed_stack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url, **worker_settings) as stack, \
+            ExitStack() as claims:
         counts = {"warmup": plan.max_batch, "throughput": plan.images, "trickle": plan.trickle,
                   "backfill": plan.backfill, "upload": 1}
         jpegs = movie_jpegs(sum(counts.values()), distinct_per_size=plan.distinct_per_size)
@@ -294,27 +469,41 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
         for name, n in counts.items():
             ids[name] = list(range(first, first + n))
             first += n
-        learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size)
-        result: dict = {"arch": plan.arch, "device": plan.device, "device_name": _device_name(plan.device),
-                        "image_size": plan.size, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms,
-                        "images": plan.images, "baseline_images": plan.baseline_images,
-                        "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024}
-        result["load_avg_1m"] = [os.getloadavg()[0]]
+        learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size,
+                                 train_images=0 if not plan.parity_images else
+                                 16 if plan.parity_images < 64 else TRAIN_IMAGES)
+        result.update({"arch": plan.arch, "device": plan.device, "device_name": _device_name(plan.device),
+                       "image_size": plan.size, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms,
+                       "images": plan.images, "baseline_images": plan.baseline_images, "rounds": plan.rounds,
+                       "precision": plan.precision, "compile": plan.compile_mode,
+                       "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024})
         learn = load_fastai(learner, plan.device)
-        result.update(measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]]))
+        if plan.parity_images:
+            parity = measure_parity(plan, learn, movie_jpegs(plan.parity_images, seed=1,
+                                                             distinct_per_size=-(-plan.parity_images // 4)))
+            chosen: dict[str, Any] = parity.get(plan.precision, {"max_diff": 0.0, "p99_diff": 0.0, "flip_share": 0.0})
+        else:  # --no-parity: an untrained learner, no parity figures (profiling runs)
+            parity, chosen = {}, dict.fromkeys(("max_diff", "p99_diff", "flip_share"))
+        result["parity"] = parity
+        for key in ("max_diff", "p99_diff", "flip_share"):
+            result[f"parity_{key}"] = chosen[key]
+        stack.register_champion(learner)
+        phases = measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]])
         limit = Limit(plan, learn)
-        del learn
-        limits = [limit.img_s()]
+        phases["limit_img_s"] = limit.img_s
+        phases.update(start_variants(plan, stack, claims, redis_url, ids))
+        samples, latencies = measure_end_to_end(plan, stack, ids, phases)
         result["single_forward_ms"] = limit.single_ms()
-        result.update(measure_end_to_end(plan, stack, learner, ids))
-        # Again after the worker has stopped: the limit is the better of the two (other load on the
-        # machine only ever lowers it), so the ratio is not flattered by a slow first measure.
-        limits.append(limit.img_s())
         limit.release()
-        result["limit_img_s"], result["limit_runs_img_s"] = max(limits), limits
-        result["load_avg_1m"].append(os.getloadavg()[0])
+        del learn
+        summarise(result, samples)
+        result.update(latencies)
+    result["load_avg_end"] = load_figures()
+    result["load_avg_1m"] = [result["load_avg_start"][0], result["load_avg_end"][0]]
+    result["busy_machine"] = max(result["load_avg_1m"]) > cores / 2
     target_ms = plan.max_wait_ms + 2 * result["single_forward_ms"] + 100
     result["trickle_p95_target_ms"] = target_ms
+    # Ratios of medians taken in the same rounds.
     result["end_to_end_vs_limit"] = result["end_to_end_img_s"] / result["limit_img_s"]
     result["end_to_end_vs_baseline"] = result["end_to_end_img_s"] / result["baseline_img_s"]
     gpu = plan.device.startswith("cuda")
@@ -334,14 +523,38 @@ def bench(
     max_batch: Annotated[int, typer.Option(help="Images per forward pass (default 64; quick 8).")] = 0,
     max_wait_ms: Annotated[int, typer.Option(help="The worker's wait after a batch's first image.")] = 50,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    rounds: Annotated[int, typer.Option(help=f"Rounds of every rate, phases interleaved (at least {MIN_ROUNDS}).")]
+    = MIN_ROUNDS,
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto (as STILLTAG_INFERENCE_PRECISION); "
+                                                "the limit and the worker both use it.")] = "auto",
+    parity: Annotated[bool, typer.Option(help="Train the learner briefly and measure bf16/fp16 parity "
+                                               "(--no-parity: an untrained learner, for quicker profiling runs).")]
+    = True,
+    compile_mode: Annotated[str, typer.Option("--compile", help="off, default or reduce-overhead "
+                                                                 "(as STILLTAG_INFERENCE_COMPILE).")] = "off",
+    variant: Annotated[list[str] | None, typer.Option(help="Another end-to-end worker in the same rounds, "
+                                                           "NAME:STILLTAG_X=V[,...]; repeatable.")] = None,
     redis: Annotated[str, typer.Option(help="Redis server; an empty DB number 2-15 is claimed and flushed after.")]
     = "redis://127.0.0.1:6379",
     postgres: Annotated[str, typer.Option(help="PostgreSQL admin URL to create a throw-away database on; "
                                                "empty: SQLite in a temporary folder.")] = "",
 ) -> None:
     """Measure the tagging worker: per-image predict, fastai batched, the model's limit, end to end, latency."""
+    if rounds < MIN_ROUNDS:
+        raise typer.BadParameter(f"at least {MIN_ROUNDS} rounds, so that a median and a spread mean something",
+                                 param_hint="--rounds")
+    variant = variant or []
+    from shared.config import COMPILE_MODES, PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    if compile_mode not in COMPILE_MODES:
+        raise typer.BadParameter(f"one of {', '.join(COMPILE_MODES)}", param_hint="--compile")
     plan = make_plan(arch=arch, images=images, quick=quick, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                     device=device)
+                     device=device, rounds=rounds, precision=precision, compile_mode=compile_mode,
+                     variants=tuple(parse_variant(v) for v in variant))
+    if not parity:
+        plan = replace(plan, parity_images=0)
     result = run_bench(plan, redis_url=redis.rstrip("/"), pg_admin_url=postgres)
     report(plan, result)
     if json_path is not None:

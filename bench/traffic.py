@@ -76,6 +76,12 @@ class Events:
                 self.cond.wait(min(left, 0.5))
             return {i: self.seen[i] for i in wanted}
 
+    def forget(self, image_ids) -> None:
+        """Drop what was seen for these images, so they can be timed again."""
+        with self.cond:
+            for i in image_ids:
+                self.seen.pop(i, None)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join()

@@ -19,6 +19,8 @@ from shared.constants import REDIS_SCHEMES
 from shared.errors import ENV_PREFIX, SettingsError
 
 STORE_SCHEMES = ("file://", "s3://")  # what shared.stores.open_store reads
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # STILLTAG_INFERENCE_PRECISION
+COMPILE_MODES = ("off", "default", "reduce-overhead")  # STILLTAG_INFERENCE_COMPILE
 
 
 class Settings(BaseSettings):
@@ -68,8 +70,29 @@ class Settings(BaseSettings):
     )
     top_k: int = Field(default=10, ge=1, description="Keep at most this many tags per image.")
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    inference_precision: str = Field(
+        default="auto",
+        description="fp32, bf16, fp16 or auto (fp16 autocast on a GPU, bf16 on a CPU with native bf16, else fp32).",
+    )
+    inference_compile: str = Field(
+        default="off",
+        description="torch.compile the model: off, default or reduce-overhead (CUDA graphs); compiled in the background.",
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, le=256, description="torch intra-op threads; 0 = one per CPU core."
+    )
+    gpu_decode: bool = Field(
+        default=False,
+        description="Decode JPEGs on the GPU in batches (torchvision.io.decode_jpeg); CUDA only.",
+    )
     fetch_concurrency: int = Field(default=16, ge=1, le=512, description="Concurrent image fetches per batch.")
-    decode_workers: int = Field(default=0, ge=0, le=256, description="Decode threads; 0 = one per CPU core.")
+    decode_workers: int = Field(
+        default=0, ge=0, le=256, description="Images decoded at once (fetches wait apart); 0 = one per CPU core."
+    )
+    decode_nice: int = Field(
+        default=0, ge=0, le=19,
+        description="Niceness of the fetch/decode threads (Linux): above 0 the forward pass gets the cores first.",
+    )
     max_image_pixels: int = Field(
         default=80_000_000, ge=1, description="Larger images are refused (decompression bombs)."
     )
@@ -180,6 +203,20 @@ class Settings(BaseSettings):
     def _device_known(cls, value: str) -> str:
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise ValueError("STILLTAG_DEVICE must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("inference_precision")
+    @classmethod
+    def _precision_known(cls, value: str) -> str:
+        if value not in PRECISIONS:
+            raise ValueError(f"STILLTAG_INFERENCE_PRECISION must be one of {', '.join(PRECISIONS)}")
+        return value
+
+    @field_validator("inference_compile")
+    @classmethod
+    def _compile_known(cls, value: str) -> str:
+        if value not in COMPILE_MODES:
+            raise ValueError(f"STILLTAG_INFERENCE_COMPILE must be one of {', '.join(COMPILE_MODES)}")
         return value
 
     @model_validator(mode="after")

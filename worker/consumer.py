@@ -68,6 +68,7 @@ class Held:
 @dataclass
 class Batch:
     items: list[Held] = field(default_factory=list)
+    staged: Future | None = None  # GPU: its input's copy to the device, started ahead (Tagger.stage_async)
 
     @property
     def messages(self) -> list:
@@ -116,6 +117,18 @@ class Pending:
                 batch.items.append(lane.popleft())
         return batch
 
+    def outranks(self, batch: Batch) -> bool:
+        """Whether something pending should run before part of ``batch`` (taken ahead of time):
+        a message of a higher-priority queue than the lowest in the batch, arrived since."""
+        order = list(self.lanes)
+        lowest = max((order.index(h.queue) for h in batch.items if h.queue in self.lanes), default=0)
+        return any(self.lanes[q] for q in order[:lowest])
+
+    def put_back(self, batch: Batch) -> None:
+        """Return a batch taken ahead of time to the front of its lanes, in its order."""
+        for held in reversed(batch.items):
+            self.lanes.setdefault(held.queue, deque()).appendleft(held)
+
     def drain(self) -> list[Held]:
         items = [h for lane in self.lanes.values() for h in lane]
         for lane in self.lanes.values():
@@ -151,6 +164,7 @@ class BatchConsumer:
         self.pending = Pending(queues, starve_s=self.settings.visibility_timeout_s / 2)
         self._cond = threading.Condition()  # guards pending and _closing; wakes the inference thread
         self._closing = False
+        self._ahead: Batch | None = None  # GPU: the next batch, taken and staged during a forward pass
         self._held_by_queue: dict[str, int] = dict.fromkeys(queues, 0)  # consumer thread only
         self.done: queue.Queue[tuple[Batch, Exception | None]] = queue.Queue()
         self._next_restore = 0.0
@@ -292,6 +306,9 @@ class BatchConsumer:
             left = self.pending.drain()
             self._cond.notify_all()
         self._inference.join()
+        if self._ahead is not None:
+            left = [*self._ahead.items, *left]
+            self._ahead = None
         return left
 
     def _shutdown(self) -> None:
@@ -341,6 +358,11 @@ class BatchConsumer:
         """
         next_check = time.monotonic() + self.settings.model_poll_s
         with self._cond:
+            if self._ahead is not None and not self._closing:  # closing: _close_inference returns it
+                ahead, self._ahead = self._ahead, None
+                if not self.pending.outranks(ahead):
+                    return ahead
+                self.pending.put_back(ahead)  # an upload came meanwhile: it goes first, the copy is wasted
             while not self._closing:
                 now = time.monotonic()
                 due = self.pending.due_at(max_batch=self.settings.max_batch, max_wait_s=self.max_wait_s)
@@ -350,6 +372,18 @@ class BatchConsumer:
                     return Batch()  # idle: follow the champion, so the first image after a promotion does not wait
                 self._cond.wait(max(0.0, min(next_check if due is None else due, next_check) - now))
         return None
+
+    def _look_ahead(self) -> None:
+        """On a GPU, with a full batch already pending: take it now and start its copy to the device
+        (a side stream, Tagger.stage_async), so that it overlaps this batch's forward pass. If an
+        upload arrives before it runs, it goes back (``_next_batch``): uploads stay first."""
+        if self.tagger.stager is None:
+            return
+        with self._cond:
+            if self._ahead is None and len(self.pending) >= self.settings.max_batch and not self._closing:
+                ahead = self.pending.take(self.settings.max_batch, time.monotonic())
+                ahead.staged = self.tagger.stage_async([h.future for h in ahead.items])
+                self._ahead = ahead
 
     def _inference_loop(self) -> None:
         backoff = 0.0
@@ -362,11 +396,13 @@ class BatchConsumer:
                 continue
             try:
                 self.tagger.maybe_switch()
+                self._look_ahead()
                 started = self.inference_started_at = time.monotonic()
                 for held in batch.items:
                     metrics.QUEUE_WAIT.observe(started - held.arrived_at)
                 t0 = time.perf_counter()
-                self.tagger.run_batch([held.future.result() for held in batch.items])
+                staged = batch.staged.result() if batch.staged is not None else None
+                self.tagger.run_batch([held.future.result() for held in batch.items], staged)
                 log.info("batch of %d (%d from %s) tagged with %s in %.0f ms", len(batch.items),
                          sum(h.queue == self.queues[0] for h in batch.items), self.queues[0],
                          self.tagger.loaded.version, (time.perf_counter() - t0) * 1000)

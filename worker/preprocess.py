@@ -99,3 +99,16 @@ def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int) -> np.nda
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(f"corrupt or truncated image: {exc}") from None
     return np.asarray(out, dtype=np.uint8)
+
+
+def is_jpeg(data: bytes, *, max_pixels: int) -> bool:
+    """A JPEG within the pixel cap, by its header only (``gpu_decode`` sends these to the device)."""
+    if not data.startswith(b"\xff\xd8"):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header, decodes nothing
+        return img.format == "JPEG" and img.width * img.height <= max_pixels
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return False

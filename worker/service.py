@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,8 +22,8 @@ from shared.config import Settings, get_settings
 from shared.db import transaction
 from shared.runtime import Runtime
 from worker import metrics
-from worker.model import TaggingModel, resolve_device
-from worker.preprocess import ImageRejected, Preprocessing, decode_image
+from worker.model import Staged, TaggingModel, resolve_device
+from worker.preprocess import ImageRejected, Preprocessing, decode_image, is_jpeg
 from worker.results import ImageResult, failed, persist_batch, publish_events, select_tags, tagged
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,16 @@ class Prepared:
     prep: Preprocessing
     pixels: np.ndarray | None = None
     error: str | None = None
+    jpeg: bytes | None = None  # gpu_decode: the JPEG's bytes, decoded with its batch on the device
+
+
+@dataclass
+class StagedBatch:
+    """A batch's input already on its way to the device, made by ``Tagger.stage_batch``."""
+
+    model: TaggingModel
+    image_ids: list[int]
+    staged: Staged
 
 
 class Tagger:
@@ -54,8 +66,21 @@ class Tagger:
         self._last_poll = 0.0
         self._failed_version: str | None = None  # a champion that would not load, not retried until
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
-        workers = settings.fetch_concurrency + (settings.decode_workers or os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
+        decoders = settings.decode_workers or os.cpu_count() or 1
+        # Fetches are I/O and many run at once; decodes are CPU work and at most ``decoders`` run at
+        # once, so that they do not crowd out the forward pass's threads.
+        self._decode_slots = threading.BoundedSemaphore(decoders)
+        self.pool = ThreadPoolExecutor(settings.fetch_concurrency + decoders, thread_name_prefix="prepare",
+                                       initializer=_lower_priority, initargs=(settings.decode_nice,))
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
+        # On a GPU a batch is staged (pinned memory, copy on a side stream) by this thread as soon as
+        # it is decoded, while the batch before it is in the forward pass. On a CPU there is no copy
+        # to overlap, and a second thread would only take cores from the forward pass: staged inline.
+        self.stager = (ThreadPoolExecutor(1, thread_name_prefix="stage") if self.device.startswith("cuda")
+                       else None)
 
     # --- model ----------------------------------------------------------------------------
     def load_champion(self) -> TaggingModel:
@@ -66,9 +91,11 @@ class Tagger:
             raise NoChampion("no champion model; register one with `stilltag models register PATH --promote`")
         path = registry.fetch_artifact(store=self.runtime.model_store, record=record, cache_dir=self.runtime.model_cache_dir)
         t0 = time.perf_counter()
-        model = TaggingModel.load(path, version=record.version, device=self.device)
-        log.info("loaded model %s (%s, %d tags) on %s in %.1f s", record.version, model.arch, len(model.vocab),
-                 self.device, time.perf_counter() - t0)
+        model = TaggingModel.load(path, version=record.version, device=self.device,
+                                  precision=self.settings.inference_precision,
+                                  compile_mode=self.settings.inference_compile, compile_batch=self.settings.max_batch)
+        log.info("loaded model %s (%s, %d tags) on %s at %s in %.1f s", record.version, model.arch, len(model.vocab),
+                 self.device, model.precision, time.perf_counter() - t0)
         self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))
         old, self.model = self.model, model
         metrics.set_model(model.version, model.arch, str(self.device))
@@ -131,9 +158,16 @@ class Tagger:
     def prepare(self, image_id: int, prep: Preprocessing) -> Prepared:
         """Fetch + decode one image; never raises (a bad image is a result, not an error)."""
         try:
-            with metrics.DECODE.time():
-                data = self.runtime.images.fetch(image_id)
+            t0 = time.perf_counter()
+            data = self.runtime.images.fetch(image_id)
+            if self._device_decode(prep) and is_jpeg(data, max_pixels=self.settings.max_image_pixels):
+                metrics.DECODE.observe(time.perf_counter() - t0)
+                return Prepared(image_id, prep, jpeg=data)
+            fetched_s = time.perf_counter() - t0
+            with self._decode_slots:  # the wait for a slot is queueing, not decoding: not timed
+                t1 = time.perf_counter()
                 pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels)
+                metrics.DECODE.observe(fetched_s + time.perf_counter() - t1)
             return Prepared(image_id, prep, pixels=pixels)
         except ImageRejected as exc:
             return Prepared(image_id, prep, error=str(exc))
@@ -147,17 +181,60 @@ class Tagger:
             raise NoChampion("no model loaded yet")
         return self.model
 
+    def _device_decode(self, prep: Preprocessing) -> bool:
+        return self.settings.gpu_decode and self.device.startswith("cuda") and prep.method == "squish"
+
     def submit(self, image_id: int) -> Future:
         return self.pool.submit(self.prepare, image_id, self.loaded.prep)
 
-    def predict(self, prepared: list[Prepared]) -> list[ImageResult]:
+    def stage_batch(self, prepared: list[Prepared]) -> StagedBatch | None:
+        """The batch's input on its way to the device (JPEGs decoded there with ``gpu_decode``)."""
+        model = self.loaded
+        ok = [p for p in prepared if p.prep == model.prep and (p.pixels is not None or p.jpeg is not None)]
+        if not ok:
+            return None
+        jpegs = [p for p in ok if p.jpeg is not None]
+        if jpegs:
+            try:  # batched on the device; pixels from the CPU decoder join them there
+                decoded = model.decode_jpegs([p.jpeg for p in jpegs if p.jpeg is not None])
+                on_device = dict(zip([p.image_id for p in jpegs], decoded, strict=True))
+            except Exception as exc:  # e.g. a CMYK JPEG nvjpeg refuses: the whole batch on the CPU
+                log.warning("decoding %d JPEGs on the device failed (%s); decoding them on the CPU", len(jpegs), exc)
+                return None
+            staged = model.stage_mixed([on_device.get(p.image_id, p.pixels) for p in ok])
+        else:
+            staged = model.stage(np.stack([p.pixels for p in ok if p.pixels is not None]))
+        return StagedBatch(model, [p.image_id for p in ok], staged)
+
+    def stage_async(self, futures: list[Future]) -> Future | None:
+        """``stage_batch`` once the batch's images are decoded, in the stage thread (GPU only)."""
+        if self.stager is None:
+            return None
+
+        def stage() -> StagedBatch | None:
+            try:
+                return self.stage_batch([f.result() for f in futures])
+            except Exception:  # the inference thread stages it again, and fails the batch if it must
+                log.exception("staging a batch ahead failed")
+                return None
+
+        return self.stager.submit(stage)
+
+    def predict(self, prepared: list[Prepared], staged: StagedBatch | None = None) -> list[ImageResult]:
         """One forward pass for the images that decoded; the others fail with their reason."""
         model = self.loaded
         prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep) for p in prepared]
-        ok = [p for p in prepared if p.pixels is not None]
+        if any(p.jpeg is not None for p in prepared) and staged is None:
+            staged = self.stage_batch(prepared)
+            if staged is None:  # the device decoder failed: the CPU decodes them
+                prepared = [self._decode_on_cpu(p) if p.jpeg is not None else p for p in prepared]
+        ok = [p for p in prepared if p.pixels is not None or p.jpeg is not None]
+        if staged is not None and (staged.model is not model or staged.image_ids != [p.image_id for p in ok]):
+            staged = None  # staged for another model (a switch in between): stage again
         if ok:
             with metrics.INFERENCE.time():
-                probs = model.predict(np.stack([p.pixels for p in ok if p.pixels is not None]))
+                probs = model.predict(staged.staged if staged is not None
+                                      else np.stack([p.pixels for p in ok if p.pixels is not None]))
         cut = self._cutoffs[1] if self._cutoffs and self._cutoffs[0] == model.version else self.settings.threshold
         by_id = {}
         for i, p in enumerate(ok):
@@ -165,7 +242,7 @@ class Tagger:
                 p.image_id, select_tags(probs[i], model.vocab, threshold=cut, top_k=self.settings.top_k)
             )
         for p in prepared:
-            if p.pixels is None:
+            if p.pixels is None and p.jpeg is None:
                 by_id[p.image_id] = failed(p.image_id, p.error or "not decoded")
         return [by_id[p.image_id] for p in prepared]
 
@@ -181,9 +258,18 @@ class Tagger:
         for result in results:
             metrics.IMAGES.labels(result.state).inc()
 
-    def run_batch(self, prepared: list[Prepared]) -> list[ImageResult]:
+    def _decode_on_cpu(self, p: Prepared) -> Prepared:
+        try:
+            return Prepared(p.image_id, p.prep, pixels=decode_image(p.jpeg or b"", p.prep,
+                                                                    max_pixels=self.settings.max_image_pixels))
+        except ImageRejected as exc:
+            return Prepared(p.image_id, p.prep, error=str(exc))
+
+    def run_batch(self, prepared: list[Prepared], staged: StagedBatch | None = None) -> list[ImageResult]:
         unique = list({p.image_id: p for p in reversed(prepared)}.values())[::-1]  # a duplicate is tagged once
-        results = self.predict(unique)
+        if len(unique) != len(prepared):
+            staged = None
+        results = self.predict(unique, staged)
         self.persist(results)
         return results
 
@@ -194,9 +280,20 @@ class Tagger:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.stager is not None:
+            self.stager.shutdown(wait=False, cancel_futures=True)
         if self.model is not None:
             self.model.release()
         self.runtime.close()
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's niceness (Linux threads have their own); elsewhere nothing."""
+    if nice and hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:
+            log.warning("could not lower the decode threads' priority: %s", exc)
 
 
 _process_tagger: Tagger | None = None

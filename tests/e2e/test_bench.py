@@ -9,6 +9,7 @@ import os
 import pytest
 
 from bench.stack import stilltag
+from demo.synthetic import VOCAB
 from shared.config import ENV_PREFIX
 from tests.conftest import REDIS_HOST_URL
 
@@ -31,3 +32,31 @@ def test_quick_bench_writes_every_measure(tmp_path):
     for key in (*RATES, *LATENCIES):
         assert result[key] > 0, key
     assert "end to end" in done.stdout  # the table was printed
+
+    # Rounds: every rate measured once per round; the reported value is their median, within the spread.
+    assert result["rounds"] == 3
+    for key in RATES:
+        rounds, (lo, hi) = result[f"{key}_rounds"], result[f"{key}_spread"]
+        assert len(rounds) == 3 and all(r > 0 for r in rounds), key
+        assert (lo, hi) == (min(rounds), max(rounds)), key
+        assert result[key] == sorted(rounds)[1], key
+    assert result["end_to_end_vs_limit"] == result["end_to_end_img_s"] / result["limit_img_s"]
+
+    # Load: 1, 5 and 15 minute averages at the start and the end, and the core count.
+    assert result["cores"] == os.cpu_count()
+    for key in ("load_avg_start", "load_avg_end"):
+        assert len(result[key]) == 3 and all(x >= 0 for x in result[key]), key
+    assert result["busy_machine"] == (max(result["load_avg_start"][0], result["load_avg_end"][0]) > os.cpu_count() / 2)
+    assert "load average" in done.stdout
+
+    # Precision and parity: each reduced mode against fp32 on the (briefly trained) learner.
+    assert result["precision"] in ("fp32", "bf16")  # auto on a CPU: bf16 only where it is native
+    for precision in ("bf16", "fp16"):
+        fig = result["parity"][precision]
+        assert fig["decisions"] == 16 * len(VOCAB) and 0 <= fig["flips"] <= fig["decisions"], precision
+        assert 0 < fig["p99_diff"] <= fig["max_diff"] < 0.1, precision
+        assert fig["flip_share"] == fig["flips"] / fig["decisions"], precision
+    if result["precision"] == "fp32":
+        assert (result["parity_max_diff"], result["parity_p99_diff"], result["parity_flip_share"]) == (0, 0, 0)
+    else:
+        assert result["parity_max_diff"] == result["parity"][result["precision"]]["max_diff"]

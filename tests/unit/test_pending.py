@@ -40,3 +40,15 @@ def test_a_batch_is_due_full_or_max_wait_after_its_oldest():
     fill(p, "tagging", range(1, 2), at=10.6)
     assert p.due_at(max_batch=4, max_wait_s=0.05) == 0.0  # full: now
     assert len(p) == 4
+
+
+def test_a_batch_taken_ahead_goes_back_when_an_upload_outranks_it():
+    p = Pending(("tagging", "backfill"), starve_s=60)
+    fill(p, "backfill", range(6), at=0.0)
+    ahead = p.take(4, now=1.0)  # staged during the previous forward pass
+    assert not p.outranks(ahead)
+    fill(p, "tagging", range(1), at=1.5)
+    assert p.outranks(ahead)
+    p.put_back(ahead)
+    assert p.take(4, now=2.0).messages == ["tagging-0", "backfill-0", "backfill-1", "backfill-2"]
+    assert [h.message for h in p.drain()] == ["backfill-3", "backfill-4", "backfill-5"]

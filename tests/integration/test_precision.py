@@ -1,0 +1,79 @@
+"""Reduced precision against fp32 on a trained learner, and the staging paths, on a CPU.
+
+The figures that decide whether a precision may be a device's default come from ``stilltag bench``
+(README, "Benchmarks"); here each mode must run, really reduce the precision, and stay close.
+"""
+
+import numpy as np
+import pytest
+
+from demo.synthetic import make_picture
+from worker.model import TaggingModel
+from worker.preprocess import decode_image
+
+pytestmark = pytest.mark.integration
+
+THRESHOLD = 0.2
+SIZES = [(96, 96), (320, 200), (1280, 720), (1920, 800), (1024, 768), (1440, 1080)]
+CLOSE = 0.05  # a sanity bound: a broken autocast (wrong dtype, no normalisation) is far beyond it
+
+
+@pytest.fixture(scope="module")
+def jpegs():
+    return [make_picture(2000 + i, seed=11, size=size).jpeg(quality=92) for i, size in enumerate(SIZES * 2)]
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_learner):
+    return TaggingModel.load(tiny_learner, version="v1", device="cpu", precision="fp32")
+
+
+def _pixels(model, jpegs):
+    return np.stack([decode_image(d, model.prep, max_pixels=100_000_000) for d in jpegs])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_stays_close_to_fp32(tiny_learner, fp32, jpegs, precision):
+    reduced = TaggingModel.load(tiny_learner, version="v1", device="cpu", precision=precision)
+    assert reduced.precision == precision
+    pixels = _pixels(fp32, jpegs)
+    base, ours = fp32.predict(pixels), reduced.predict(pixels)
+    diff = np.abs(ours - base)
+    flips = ((ours >= THRESHOLD) != (base >= THRESHOLD)).mean()
+    print(f"{precision} vs fp32: max {diff.max():.5f}, p99 {np.percentile(diff, 99):.5f}, flips {flips:.2%} "
+          f"of {base.size}")
+    assert base.std() > 0.02, "the learner must give varied probabilities for this test to mean anything"
+    assert diff.max() > 0, f"{precision} gave fp32's exact probabilities: autocast did not take effect"
+    assert diff.max() <= CLOSE
+
+
+def test_staged_input_gives_predicts_probabilities(fp32, jpegs):
+    pixels = _pixels(fp32, jpegs)
+    staged = fp32.stage(pixels)
+    assert fp32.copy_stream is None and staged.ready is None  # on a CPU the side stream is a no-op
+    np.testing.assert_array_equal(fp32.forward(staged).numpy(), fp32.predict(pixels))
+    np.testing.assert_array_equal(fp32.predict(staged), fp32.predict(pixels))
+
+
+def test_device_decode_path_runs_on_cpu_and_stays_close(fp32, jpegs):
+    """``gpu_decode``'s code on the CPU: torchvision decodes and resizes; mixed with PIL pixels."""
+    decoded = fp32.decode_jpegs(jpegs[:6])
+    assert all(tuple(t.shape) == (fp32.prep.height, fp32.prep.width, 3) for t in decoded)
+    pil = _pixels(fp32, jpegs)
+    mixed = fp32.predict(fp32.stage_mixed([*decoded, *pil[6:]]))
+    np.testing.assert_allclose(mixed[6:], fp32.predict(pil[6:]), atol=1e-5)
+    assert np.abs(mixed[:6] - fp32.predict(pil[:6])).max() <= CLOSE
+
+
+def test_failed_compile_leaves_the_eager_model_serving(tiny_learner, jpegs, monkeypatch):
+    import torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = TaggingModel.load(tiny_learner, version="v1", device="cpu", precision="fp32", compile_mode="default",
+                              compile_batch=2)
+    assert model.compiled.wait(timeout=60)
+    assert model.runner is model.model
+    assert model.predict(_pixels(model, jpegs[:2])).shape == (2, len(model.vocab))
