@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 import tempfile
 import time
 import warnings
@@ -35,6 +36,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+BACKLOG = 10_000  # backfill messages ahead of the uploads in the full run
+UPLOADS_BEHIND = 5  # uploads sent one by one behind it
 TRICKLE_INTERVAL_MS = 200  # one upload every 200 ms
 LIMIT_MIN_S = 8.0  # the forward-pass loop runs at least this long (quick: 1 s)
 EVENT_TIMEOUT_S = 1800  # a whole run on a slow machine; only a hung worker reaches it
@@ -57,7 +60,7 @@ class Plan:
     max_batch: int
     max_wait_ms: int
     trickle: int  # uploads in the trickle
-    backfill: int  # backfill messages in the burst ahead of one upload
+    backfill: int  # backfill messages queued ahead of the uploads (links to the throughput images)
     distinct_per_size: int
     limit_min_s: float
     rounds: int = MIN_ROUNDS
@@ -81,11 +84,11 @@ def make_plan(*, arch: str, images: int, quick: bool, max_batch: int, max_wait_m
               "variants": variants}
     if quick:  # proves the benchmark works (CI); the numbers mean little
         return Plan(arch, device, 64, images or 16, min(images or 16, 8), max_batch or 8, max_wait_ms, 5,
-                    2 * (max_batch or 8), 1, 0.5, parity_images=16, **common)
+                    20 * (max_batch or 8), 1, 0.5, parity_images=16, **common)
     max_batch = max_batch or 64
     images = images or (1024 if gpu else 256)
     return Plan(arch, device, 224, images, min(images, 128 if gpu else 64), max_batch, max_wait_ms,
-                100 if gpu else 50, 4 * max_batch, 8, LIMIT_MIN_S, **common)
+                100 if gpu else 50, BACKLOG, 8, LIMIT_MIN_S, **common)
 
 
 def parse_variant(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -318,7 +321,6 @@ def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]],
                        phases: dict[str, Callable[[], float]]) -> tuple[dict[str, list[float]], dict[str, float]]:
     """The rounds (``phases`` and throughput through Redis → worker process → database), then the
     two latency measures."""
-    from bench.stack import poll_until
     from bench.traffic import Events
 
     worker = stack.worker().wait_ready()
@@ -341,19 +343,33 @@ def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]],
         out["trickle_p50_ms"] = float(np.percentile(latencies, 50))
         out["trickle_p95_ms"] = float(np.percentile(latencies, 95))
 
-        received = worker.metric("stilltag_messages_received_total")
-        stack.push("backfill", ids["backfill"])
-        in_hand = min(len(ids["backfill"]), plan.max_batch)
-        poll_until(lambda: worker.metric("stilltag_messages_received_total") >= received + in_hand, EVENT_TIMEOUT_S,
-                   f"the worker takes {in_hand} backfill messages", interval_s=0.01)
-        (upload,) = ids["upload"]
-        t_upload = stack.push("tagging", [upload])
-        out["behind_backfill_ms"] = (events.wait([upload], EVENT_TIMEOUT_S)[upload][0] - t_upload) * 1000
-        events.wait(ids["backfill"], EVENT_TIMEOUT_S)
+        out.update(behind_backfill(plan, stack, worker, events, ids))
         return samples, out
     finally:
         events.close()
         stack.stop_workers()
+
+
+def behind_backfill(plan: Plan, stack, worker, events, ids: dict[str, list[int]]) -> dict[str, float]:
+    """Uploads sent one by one while the worker chews through a backlog of ``plan.backfill``
+    (more than it may hold): enqueue → commit of each. The backlog is dropped afterwards."""
+    from bench.stack import poll_until
+
+    received = worker.metric("stilltag_messages_received_total")
+    stack.push("backfill", ids["backfill"])
+    in_hand = 2 * plan.max_batch
+    poll_until(lambda: worker.metric("stilltag_messages_received_total") >= received + in_hand, EVENT_TIMEOUT_S,
+               f"the worker takes {in_hand} backfill messages", interval_s=0.01)
+    waits = []
+    for upload in ids["upload"]:
+        t_upload = stack.push("tagging", [upload])
+        waits.append((events.wait([upload], EVENT_TIMEOUT_S)[upload][0] - t_upload) * 1000)
+    left = stack.redis.llen("backfill")
+    stack.redis.delete("backfill")
+    poll_until(lambda: not stack.redis.hlen("unacked"), EVENT_TIMEOUT_S, "the held backfill committed")
+    if not left:
+        raise RuntimeError("the backlog ran out before the last upload: raise --backfill")
+    return {"behind_backfill_ms": max(waits), "behind_backfill_p50_ms": float(np.median(waits))}
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -408,7 +424,9 @@ def report(plan: Plan, result: dict) -> None:
     lat.add_column("target ms", justify="right")
     lat.add_row(f"trickle p50 ({plan.trickle} uploads, one per {TRICKLE_INTERVAL_MS} ms)", f"{result['trickle_p50_ms']:.0f}", "")
     lat.add_row("trickle p95", f"{result['trickle_p95_ms']:.0f}", f"≤ {result['trickle_p95_target_ms']:.0f}")
-    lat.add_row(f"one upload behind {plan.backfill} backfill", f"{result['behind_backfill_ms']:.0f}", "")
+    lat.add_row(f"uploads behind {plan.backfill} backfill, worst of {UPLOADS_BEHIND} (p50 "
+                f"{result['behind_backfill_p50_ms']:.0f})", f"{result['behind_backfill_ms']:.0f}",
+                f"≤ {result['behind_backfill_target_ms']:.0f}")
     lat.add_row("single-image forward pass", f"{result['single_forward_ms']:.0f}", "")
     Console().print(lat)
 
@@ -418,13 +436,13 @@ def report(plan: Plan, result: dict) -> None:
     checks.add_column("target", justify="right")
     checks.add_column("met")
     for name, value, target in result["targets"]:
-        checks.add_row(name, f"{value:.2f}", f"≥ {target:.2f}" if name != "trickle p95 ms" else f"≤ {target:.0f}",
+        checks.add_row(name, f"{value:.2f}", f"≤ {target:.0f}" if name.endswith(" ms") else f"≥ {target:.2f}",
                        "yes" if _met(name, value, target) else "no")
     Console().print(checks)
 
 
 def _met(name: str, value: float, target: float) -> bool:
-    return value <= target if name == "trickle p95 ms" else value >= target
+    return value <= target if name.endswith(" ms") else value >= target
 
 
 def _device_name(device: str) -> str:
@@ -462,13 +480,18 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
             claimed_stack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url, **worker_settings) as stack, \
             ExitStack() as claims:
         counts = {"warmup": plan.max_batch, "throughput": plan.images, "trickle": plan.trickle,
-                  "backfill": plan.backfill, "upload": 1}
+                  "upload": UPLOADS_BEHIND}
         jpegs = movie_jpegs(sum(counts.values()), distinct_per_size=plan.distinct_per_size)
-        paths = {i: stack.put_image(i, data) for i, data in enumerate(jpegs, start=1)}
-        ids, first = {}, 1
-        for name, n in counts.items():
+        # IDs of their own: the stilltag:tagged channel is shared by every DB of a Redis server, and
+        # another run's events must not end this run's waits.
+        first = base = random.SystemRandom().randrange(10**9, 10**12)
+        paths = {i: stack.put_image(i, data) for i, data in enumerate(jpegs, start=base)}
+        ids = {}
+        for name, n in {**counts, "backfill": plan.backfill}.items():
             ids[name] = list(range(first, first + n))
             first += n
+        for k, i in enumerate(ids["backfill"]):  # the backlog: links to the throughput images
+            (stack.image_dir / f"{i}.jpg").symlink_to(paths[ids["throughput"][k % len(ids["throughput"])]])
         learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size,
                                  train_images=0 if not plan.parity_images else
                                  16 if plan.parity_images < 64 else TRAIN_IMAGES)
@@ -503,11 +526,14 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
     result["busy_machine"] = max(result["load_avg_1m"]) > cores / 2
     target_ms = plan.max_wait_ms + 2 * result["single_forward_ms"] + 100
     result["trickle_p95_target_ms"] = target_ms
+    # Behind any backlog: the batch in the forward pass, then the upload's own, at max_batch.
+    result["behind_backfill_target_ms"] = plan.max_wait_ms + 2 * 1000 * plan.max_batch / result["limit_img_s"] + 100
     # Ratios of medians taken in the same rounds.
     result["end_to_end_vs_limit"] = result["end_to_end_img_s"] / result["limit_img_s"]
     result["end_to_end_vs_baseline"] = result["end_to_end_img_s"] / result["baseline_img_s"]
     gpu = plan.device.startswith("cuda")
-    result["targets"] = [("end_to_end / limit", result["end_to_end_vs_limit"], 0.80 if gpu else 0.85)]
+    result["targets"] = [("end_to_end / limit", result["end_to_end_vs_limit"], 0.80 if gpu else 0.85),
+                         ("behind backfill ms", result["behind_backfill_ms"], result["behind_backfill_target_ms"])]
     if not gpu:
         result["targets"] += [("end_to_end / baseline", result["end_to_end_vs_baseline"], 2.0),
                               ("trickle p95 ms", result["trickle_p95_ms"], target_ms)]

@@ -42,6 +42,13 @@ def test_quick_bench_writes_every_measure(tmp_path):
         assert result[key] == sorted(rounds)[1], key
     assert result["end_to_end_vs_limit"] == result["end_to_end_img_s"] / result["limit_img_s"]
 
+    # Uploads behind a backlog: the worst of several, next to its target (two forward passes at max_batch).
+    assert 0 < result["behind_backfill_p50_ms"] <= result["behind_backfill_ms"]
+    assert result["behind_backfill_target_ms"] == pytest.approx(
+        result["max_wait_ms"] + 2000 * result["max_batch"] / result["limit_img_s"] + 100)
+    assert ("behind backfill ms", result["behind_backfill_ms"], result["behind_backfill_target_ms"]) in [
+        tuple(t) for t in result["targets"]]
+
     # Load: 1, 5 and 15 minute averages at the start and the end, and the core count.
     assert result["cores"] == os.cpu_count()
     for key in ("load_avg_start", "load_avg_end"):
