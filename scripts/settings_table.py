@@ -57,6 +57,9 @@ EXAMPLES: dict[str, str] = {
     "holdout_seed": "holdout-2025",
     "dataset_query": "SELECT id AS image_id, tags FROM stills WHERE tags <> ''",
     "gate_tolerance": "0.005",
+    "backfill_query": "SELECT id AS image_id FROM stills",
+    "backfill_max_pending": "2000",
+    "retag_on_promote": "true",
     "retrain_schedule": "0 2 * * 0",
 }
 

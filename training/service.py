@@ -124,6 +124,10 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                     )
                     record, decision = apply_gate(session=session, record=record, tolerance=settings.gate_tolerance)
             log.info("registered %s as %s: %s", record.version, record.status, decision.reason)
+            if decision.promote:  # committed: the training worker may start the re-tag now
+                from shared.backfill import request_retag
+
+                request_retag(settings, reason=f"{record.version} promoted by the gate")
             _emit(progress, "done", version=record.version, status=record.status, reason=record.reason,
                   f2=evaluation.f2)
             return record
@@ -137,6 +141,11 @@ def _log_progress(event: str, fields: dict) -> None:
         log.info("retrain: %s — %s", fields.get("name"), fields.get("detail", ""))
 
 
+def worker_settings() -> Settings:
+    """The settings of the training worker running this task (the process's, outside one)."""
+    return _worker_settings or get_settings()
+
+
 def retrain_from_task(**options) -> str:
     """The ``stilltag.retrain`` task's body. ``options`` are ``train_*`` settings to override.
 
@@ -144,7 +153,7 @@ def retrain_from_task(**options) -> str:
     """
     from training import metrics
 
-    settings = with_overrides(_worker_settings or get_settings(), options)
+    settings = with_overrides(worker_settings(), options)
     outcome = "failed"
     try:
         with metrics.RETRAIN_DURATION.time():

@@ -1,10 +1,10 @@
-"""``stilltag.retrain`` (Celery imports this module when a worker starts)."""
+"""``stilltag.retrain`` and ``stilltag.retag`` (Celery imports this module when a worker starts)."""
 
 from __future__ import annotations
 
 from celery import shared_task
 
-from shared.constants import RETRAIN_TASK
+from shared.constants import RETAG_TASK, RETRAIN_TASK
 
 
 @shared_task(name=RETRAIN_TASK, acks_late=False)
@@ -13,3 +13,11 @@ def retrain(**options) -> str | None:
     from training.service import retrain_from_task
 
     return retrain_from_task(**options)
+
+
+@shared_task(name=RETAG_TASK, acks_late=True)
+def retag(**options) -> str:
+    """A stale backfill for the champion; acked when it ends (a shutdown puts it back on the queue)."""
+    from training.retag import retag_from_task
+
+    return retag_from_task(**options)
