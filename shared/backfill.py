@@ -59,6 +59,7 @@ TAGGED_REFRESH_S = 5.0  # how often "tagged so far" is counted in the database
 CURSOR_TTL_S = 30 * 86_400  # 30 days: a cursor nobody resumes does not stay forever
 REDIS_TIMEOUT_S = 10  # one Redis command never takes this long; an outage ends the run instead
 START = -(2**63)  # before every image ID
+RETAG_DELAY_POLLS = 2  # a re-tag starts this many champion polls after the promotion
 PLAIN_EVERY_S = 10.0  # a plain progress line this often when output is not a terminal
 
 DONE, INTERRUPTED = "done", "interrupted"
@@ -428,7 +429,10 @@ def request_retag(settings: Settings, *, reason: str) -> str | None:
 
     app = create_app(settings)
     try:
-        result = app.send_task(RETAG_TASK, kwargs={"reason": reason}, queue=TRAINING_QUEUE)
+        # Tagging workers take up a new champion within STILLTAG_MODEL_POLL_S: starting later keeps
+        # them from tagging the first chunks with the old one (which the re-tag would then skip).
+        result = app.send_task(RETAG_TASK, kwargs={"reason": reason}, queue=TRAINING_QUEUE,
+                               countdown=RETAG_DELAY_POLLS * settings.model_poll_s)
     finally:
         app.close()
     log.info("re-tag requested (%s): task %s on %r", reason, result.id, TRAINING_QUEUE)
