@@ -144,7 +144,8 @@ class PlainProgress:
         self.emit(progress_line(counts, self.clock() - self.started))
 
     def close(self, counts: Counts) -> None:
-        self.line(counts)
+        if self._last is not None:  # nothing to add to an error before the first count
+            self.line(counts)
 
 
 class QuerySelection:

@@ -2,9 +2,12 @@
 not tagged (``shared.backfill``, with the stale selection over STILLTAG_BACKFILL_QUERY).
 
 It runs on the training worker because that worker is one per deployment and idle between
-retrains; the tagging workers do the tagging as for any backfill, uploads first. A warm shutdown
-of the worker stops the backfill between two chunks and returns the task to its queue, so the
-restarted worker carries on from the cursor.
+retrains; the tagging workers do the tagging as for any backfill, uploads first. The task is
+acknowledged when it starts: it runs far longer than the visibility timeout, after which Redis
+would hand an unacknowledged message out again while it still runs. A warm shutdown of the worker
+stops the backfill between two chunks and enqueues a new ``stilltag.retag``, which carries on from
+the cursor; after a crash, ``stilltag backfill --stale`` does (same query, same champion, same
+cursor).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 
 from celery.signals import worker_shutting_down
 
-from shared.backfill import INTERRUPTED, PlainProgress, backfill, stale_selection
+from shared.backfill import INTERRUPTED, PlainProgress, backfill, request_retag, stale_selection
 from shared.config import Settings
 
 log = logging.getLogger(__name__)
@@ -30,21 +33,16 @@ def _on_shutdown(**_kwargs) -> None:
 
 
 def retag(settings: Settings, *, reason: str = "") -> str:
-    """Run the stale backfill to its end (or until the worker shuts down); returns a summary.
-
-    Raises:
-        celery.exceptions.Reject: interrupted by a shutdown; the message goes back to the queue.
-    """
-    from celery.exceptions import Reject
-
+    """Run the stale backfill to its end (or until the worker shuts down); returns a summary."""
     log.info("re-tag started (%s)", reason or "requested")
     progress = PlainProgress(lambda line: log.info("re-tag %s", line), every_s=LOG_EVERY_S)
     outcome = backfill(settings, stale_selection(settings), stop=_shutting_down, report=progress)
     progress.close(outcome.counts)
     if outcome.state == INTERRUPTED:
-        log.warning("re-tag interrupted by the worker's shutdown: %s; it goes back to the queue",
-                    outcome.counts.summary())
-        raise Reject("interrupted by a shutdown", requeue=True)
+        summary = f"re-tag for {outcome.champion} interrupted by the worker's shutdown: {outcome.counts.summary()}"
+        log.warning("%s; enqueued again, it carries on from its cursor", summary)
+        request_retag(settings, reason=f"carry on after a shutdown ({reason})")
+        return summary
     summary = f"re-tag for {outcome.champion} done: {outcome.counts.summary()}"
     log.info("%s", summary)
     return summary

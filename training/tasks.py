@@ -15,9 +15,10 @@ def retrain(**options) -> str | None:
     return retrain_from_task(**options)
 
 
-@shared_task(name=RETAG_TASK, acks_late=True)
+@shared_task(name=RETAG_TASK, acks_late=False)
 def retag(**options) -> str:
-    """A stale backfill for the champion; acked when it ends (a shutdown puts it back on the queue)."""
+    """A stale backfill for the champion; acked at start, as it outlives the visibility timeout
+    (a shutdown enqueues it again, and it carries on from its cursor)."""
     from training.retag import retag_from_task
 
     return retag_from_task(**options)
