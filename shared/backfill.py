@@ -110,7 +110,7 @@ class Selection(Protocol):
     def page(self, session: Session, after: int, limit: int) -> list[int]: ...
 
 
-def _rate_eta(counts: Counts, elapsed_s: float) -> tuple[float, str]:
+def rate_eta(counts: Counts, elapsed_s: float) -> tuple[float, str]:
     rate = counts.seen / elapsed_s if elapsed_s > 0 else 0.0
     left = max(counts.total - counts.seen, 0)
     eta = str(timedelta(seconds=round(left / rate))) if rate > 0 else "-"
@@ -119,7 +119,7 @@ def _rate_eta(counts: Counts, elapsed_s: float) -> tuple[float, str]:
 
 def progress_line(counts: Counts, elapsed_s: float) -> str:
     """One plain progress line: done/total, the counts, the rate and the ETA."""
-    rate, eta = _rate_eta(counts, elapsed_s)
+    rate, eta = rate_eta(counts, elapsed_s)
     pct = 100 * counts.seen / counts.total if counts.total else 100.0
     return (f"backfill: {counts.seen:,}/{counts.total:,} ({pct:.0f}%) enqueued {counts.enqueued:,} "
             f"skipped {counts.skipped:,} tagged {counts.tagged:,} at {rate:,.0f}/s, ETA {eta}")

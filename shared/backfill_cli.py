@@ -11,13 +11,14 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TextIO
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from shared.backfill import (
     INTERRUPTED,
@@ -28,31 +29,30 @@ from shared.backfill import (
     PlainProgress,
     Selection,
     parse_ids,
+    rate_eta,
 )
 from shared.config import BACKFILL_PENDING_BATCHES, Settings, get_settings
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f}/s" if task.speed else "-/s", style="progress.data.speed")
 
 
 class BarProgress:
     """A rich progress bar: done/total, rate, ETA, and the enqueued, skipped and tagged counts."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, *, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.started = clock()
         self.bars = Progress(
-            TextColumn("backfill"), BarColumn(), MofNCompleteColumn(), _RateColumn(), TimeRemainingColumn(),
-            TextColumn("enqueued {task.fields[enqueued]:,} skipped {task.fields[skipped]:,} "
-                       "tagged {task.fields[tagged]:,}"),
+            TextColumn("backfill"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:,.0f}/s ETA {task.fields[eta]}  enqueued {task.fields[enqueued]:,} "
+                       "skipped {task.fields[skipped]:,} tagged {task.fields[tagged]:,}"),
             console=console,
         )
-        self.task = self.bars.add_task("backfill", total=None, enqueued=0, skipped=0, tagged=0)
+        self.task = self.bars.add_task("backfill", total=None, rate=0.0, eta="-", enqueued=0, skipped=0, tagged=0)
         self.bars.start()
 
     def __call__(self, counts: Counts) -> None:
-        self.bars.update(self.task, total=counts.total, completed=counts.seen, enqueued=counts.enqueued,
-                         skipped=counts.skipped, tagged=counts.tagged)
+        rate, eta = rate_eta(counts, self.clock() - self.started)
+        self.bars.update(self.task, total=counts.total, completed=counts.seen, rate=rate, eta=eta,
+                         enqueued=counts.enqueued, skipped=counts.skipped, tagged=counts.tagged)
 
     def close(self, counts: Counts) -> None:
         self(counts)
