@@ -133,6 +133,7 @@ def test_backfill_stops_on_a_signal_and_carries_on(stack_factory, signum):
 
 def test_backfill_survives_a_redis_outage(tmp_path, pg_url, tiny_learner):
     redis_server = PrivateRedis(tmp_path / "redis").start()
+    (tmp_path / "stack").mkdir()
     stack = build_stack(tmp_path / "stack", tiny_learner, database_url=pg_url, broker_url=redis_server.url,
                         max_batch=16, max_wait_ms=20)
     try:
