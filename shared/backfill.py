@@ -421,9 +421,12 @@ def stale_selection(settings: Settings, query: str = "") -> QuerySelection:
     return QuerySelection(settings.backfill_query, name="STILLTAG_BACKFILL_QUERY")
 
 
-def request_retag(settings: Settings, *, reason: str) -> str | None:
+def request_retag(settings: Settings, *, version: str, reason: str) -> str | None:
     """Enqueue ``stilltag.retag`` for the training worker when STILLTAG_RETAG_ON_PROMOTE is on;
-    returns the task ID (None when the setting is off). Call it after the promotion committed."""
+    returns the task ID (None when the setting is off). Call it after the promotion committed.
+
+    ``version`` is the new champion: a re-tag that starts when another version is champion is
+    skipped (a later promotion asked for its own), so two promotions in a row re-tag once."""
     if not settings.retag_on_promote:
         return None
     from shared.celery_app import create_app
@@ -432,7 +435,7 @@ def request_retag(settings: Settings, *, reason: str) -> str | None:
     try:
         # Tagging workers take up a new champion within STILLTAG_MODEL_POLL_S: starting later keeps
         # them from tagging the first chunks with the old one (which the re-tag would then skip).
-        result = app.send_task(RETAG_TASK, kwargs={"reason": reason}, queue=TRAINING_QUEUE,
+        result = app.send_task(RETAG_TASK, kwargs={"version": version, "reason": reason}, queue=TRAINING_QUEUE,
                                countdown=RETAG_DELAY_POLLS * settings.model_poll_s)
     finally:
         app.close()

@@ -84,7 +84,7 @@ def models_register(
     console.print(f"registered {record.version} ({record.arch}, {len(record.vocab)} tags, sha256 {record.sha256[:12]}…) "
                   f"as {record.status}")
     if promote:
-        _retag(f"{record.version} promoted at registration")
+        _retag(record.version, "promoted at registration")
 
 
 @models_app.command("list")
@@ -113,7 +113,7 @@ def models_promote(version: str) -> None:
     with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.promote(session=session, version=version, reason="promoted by an admin")
     console.print(f"{record.version} is the champion")
-    _retag(f"{record.version} promoted by an admin")
+    _retag(record.version, "promoted by an admin")
 
 
 @models_app.command("rollback")
@@ -125,15 +125,15 @@ def models_rollback() -> None:
     with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.rollback(session=session)
     console.print(f"rolled back: {record.version} is the champion again")
-    _retag(f"rolled back to {record.version}")
+    _retag(record.version, "rollback")
 
 
-def _retag(reason: str) -> None:
+def _retag(version: str, reason: str) -> None:
     """With STILLTAG_RETAG_ON_PROMOTE, ask the training worker for a stale backfill (after the commit)."""
     from shared.backfill import request_retag
     from shared.constants import TRAINING_QUEUE
 
-    task_id = request_retag(get_settings(), reason=reason)
+    task_id = request_retag(get_settings(), version=version, reason=reason)
     if task_id is not None:
         console.print(f"re-tag enqueued ({task_id}) on {TRAINING_QUEUE!r}: a training worker backfills what the "
                       "champion has not tagged")

@@ -32,16 +32,30 @@ def _on_shutdown(**_kwargs) -> None:
     _shutting_down.set()
 
 
-def retag(settings: Settings, *, reason: str = "") -> str:
-    """Run the stale backfill to its end (or until the worker shuts down); returns a summary."""
-    log.info("re-tag started (%s)", reason or "requested")
+def retag(settings: Settings, *, version: str = "", reason: str = "") -> str:
+    """Run the stale backfill for ``version`` to its end (or until the worker shuts down); returns
+    a summary. Skipped when ``version`` is no longer the champion (a later promotion asked too)."""
+    from shared import registry
+    from shared.runtime import Runtime
+
+    rt = Runtime(settings)
+    try:
+        with rt.sessions() as session:
+            champion = registry.champion_version(session=session)
+    finally:
+        rt.close()
+    if version and champion != version:
+        summary = f"re-tag for {version} skipped: {champion} is the champion now"
+        log.info("%s", summary)
+        return summary
+    log.info("re-tag for %s started (%s)", champion, reason or "requested")
     progress = PlainProgress(lambda line: log.info("re-tag %s", line), every_s=LOG_EVERY_S)
     outcome = backfill(settings, stale_selection(settings), stop=_shutting_down, report=progress)
     progress.close(outcome.counts)
     if outcome.state == INTERRUPTED:
         summary = f"re-tag for {outcome.champion} interrupted by the worker's shutdown: {outcome.counts.summary()}"
         log.warning("%s; enqueued again, it carries on from its cursor", summary)
-        request_retag(settings, reason=f"carry on after a shutdown ({reason})")
+        request_retag(settings, version=outcome.champion, reason="carry on after a shutdown")
         return summary
     summary = f"re-tag for {outcome.champion} done: {outcome.counts.summary()}"
     log.info("%s", summary)
@@ -49,7 +63,7 @@ def retag(settings: Settings, *, reason: str = "") -> str:
 
 
 def retag_from_task(**options) -> str:
-    """The ``stilltag.retag`` task's body (``options``: the ``reason`` the promotion gave)."""
+    """The ``stilltag.retag`` task's body (``options``: the new champion's ``version`` and the ``reason``)."""
     from training.service import worker_settings
 
-    return retag(worker_settings(), reason=str(options.get("reason", "")))
+    return retag(worker_settings(), version=str(options.get("version", "")), reason=str(options.get("reason", "")))

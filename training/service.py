@@ -127,7 +127,7 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
             if decision.promote:  # committed: the training worker may start the re-tag now
                 from shared.backfill import request_retag
 
-                request_retag(settings, reason=f"{record.version} promoted by the gate")
+                request_retag(settings, version=record.version, reason="promoted by the gate")
             _emit(progress, "done", version=record.version, status=record.status, reason=record.reason,
                   f2=evaluation.f2)
             return record

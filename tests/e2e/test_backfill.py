@@ -173,7 +173,7 @@ def test_promotion_retags_the_archive_on_the_training_worker(stack_factory, tiny
     assert "re-tag" not in registered.stdout  # registered, not promoted
     promoted = stack.cli("models", "promote", "v2")
     assert "re-tag enqueued" in promoted.stdout, promoted.stdout
-    assert stack.redis.llen(TRAINING_QUEUE) == 1
+    assert stack.redis.llen(TRAINING_QUEUE) == 2  # v1's registration with --promote asked for one too
     # The training worker starts once the tagging worker tags with v2, so no image is tagged by v1 on the way.
     poll_until(lambda: 'version="v2"' in worker.probe("/metrics")[1], 120, "the tagging worker switches to v2")
     trainer = WorkerProcess(stack.env, stack.root / "trainer.log", queues="training").start()
@@ -182,6 +182,7 @@ def test_promotion_retags_the_archive_on_the_training_worker(stack_factory, tiny
                    "every image re-tagged by v2", detail=lambda: trainer.log()[-3000:])
         poll_until(lambda: "re-tag for v2 done: enqueued 300" in trainer.log(), 60, "the re-tag reports its end",
                    detail=lambda: trainer.log()[-3000:])
+        assert "re-tag for v1 skipped: v2 is the champion now" in trainer.log()
     finally:
         trainer.stop()
     statuses = stack.statuses()

@@ -157,7 +157,7 @@ def test_rollback_enqueues_a_retag_for_the_training_worker(site, tmp_path, pg_ur
     assert envelope is not None, reason
     assert envelope["headers"]["task"] == RETAG_TASK and envelope["headers"]["eta"]
     _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
-    assert kwargs == {"reason": "rolled back to v1"}
+    assert kwargs == {"version": "v1", "reason": "rollback"}
 
     off = {k: v for k, v in env.items() if k != ENV_PREFIX + "RETAG_ON_PROMOTE"}
     stilltag(off, "models", "promote", "v2")
