@@ -162,3 +162,25 @@ def test_rollback_enqueues_a_retag_for_the_training_worker(site, tmp_path, pg_ur
     off = {k: v for k, v in env.items() if k != ENV_PREFIX + "RETAG_ON_PROMOTE"}
     stilltag(off, "models", "promote", "v2")
     assert client.llen(TRAINING_QUEUE) == 1  # the setting is off: nothing more
+
+
+@pytest.mark.timeout(600)
+def test_a_promotion_by_the_gate_enqueues_a_retag(make_settings, pg_url, redis_url):
+    from tests.integration.test_retrain import SMALL_RUN, seed_website
+    from training.service import retrain
+
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, retag_on_promote=True,
+                             backfill_query="SELECT DISTINCT image_id FROM image_tags", **SMALL_RUN)
+    seed_website(settings)
+    record = retrain(settings)
+    assert record.status == "champion"
+    client = redis.Redis.from_url(redis_url)
+    try:
+        (raw,) = client.lrange(TRAINING_QUEUE, 0, -1)
+    finally:
+        client.close()
+    envelope, reason = check_envelope(raw)
+    assert envelope is not None, reason
+    assert envelope["headers"]["task"] == RETAG_TASK
+    _args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    assert kwargs == {"version": record.version, "reason": "promoted by the gate"}
