@@ -152,8 +152,10 @@ class BackfillCollector:
 
     def collect(self):
         try:
-            enqueued, pending = self.client.pipeline(transaction=False).get(BACKFILL_ENQUEUED_KEY).llen(
-                BACKFILL_QUEUE).execute()
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(BACKFILL_ENQUEUED_KEY)
+            pipe.llen(BACKFILL_QUEUE)
+            enqueued, pending = pipe.execute()
         except Exception as exc:  # Redis down: no sample rather than a wrong one
             log.debug("backfill counts unavailable: %s", exc)
             return
