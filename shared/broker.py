@@ -157,6 +157,9 @@ class AtomicRedisChannel(GuardedRedisChannel):
     # (worker/consumer.py): returning it all to the queue when the connection closes would have
     # every in-flight image tagged twice.
     do_restore = False
+    # Queues the next pop leaves alone: the consumer holds a full window of them. ``tagging``
+    # stays poppable while the worker holds all the ``backfill`` it may.
+    skip_queues: frozenset[str] = frozenset()
 
     def pop_overdue(self, timeout_s: float) -> bool:
         """True when a pop was sent more than ``timeout_s`` ago and has no reply: the socket is
@@ -164,7 +167,7 @@ class AtomicRedisChannel(GuardedRedisChannel):
         return bool(self._in_poll) and self._brpop_sent_at is not None and monotonic() - self._brpop_sent_at > timeout_s
 
     def _brpop_start(self, timeout=None):
-        queues = self._queue_cycle.consume(len(self.active_queues))
+        queues = [q for q in self._queue_cycle.consume(len(self.active_queues)) if q not in self.skip_queues]
         if not queues:
             return
         pairs = [(self._q_for_pri(q, pri), q) for pri in self.priority_steps for q in queues]

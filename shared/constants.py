@@ -14,11 +14,19 @@ TASK_QUEUES = (*TAGGING_QUEUES, TRAINING_QUEUE)  # where task messages are check
 
 ENQUEUED_AT_HEADER = "stilltag_enqueued_at"  # optional message header: Unix time of the enqueue, seconds
 TAGGED_CHANNEL = "stilltag:tagged"  # Redis pub/sub, one JSON event per image after commit
+RETRAIN_CHANNEL = "stilltag:retrain"  # Redis pub/sub, one JSON event per retrain state or stage change
 PARKED_KEY = "stilltag:parked"  # Redis list of malformed messages, newest first
 PARKED_MAX_LEN = 10_000  # parked messages kept before the oldest are trimmed
 
 STATE_TAGGED = "tagged"
 STATE_FAILED = "failed"
+
+RUN_QUEUED = "queued"  # retrain_runs.state
+RUN_RUNNING = "running"
+RUN_SUCCEEDED = "succeeded"
+RUN_FAILED = "failed"
+RUN_SKIPPED = "skipped"
+RUN_STATES = (RUN_QUEUED, RUN_RUNNING, RUN_SUCCEEDED, RUN_FAILED, RUN_SKIPPED)
 
 MODEL_CANDIDATE = "candidate"
 MODEL_CHAMPION = "champion"

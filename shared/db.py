@@ -58,6 +58,27 @@ model_versions = sa.Table(
     sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
 )
 
+# One row per retrain, for the website's admin page (training/runs.py writes it). ``id`` is the
+# Celery task id of ``stilltag.retrain`` (what the enqueue returns), or a fresh uuid for ``train --now``.
+retrain_runs = sa.Table(
+    "retrain_runs",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),  # queued, running, succeeded, failed, skipped
+    sa.Column("stage", sa.String(32), nullable=True),  # while running: dataset, lr_find, frozen, unfrozen, ...
+    sa.Column("epoch", sa.Integer, nullable=True),  # while training: the epoch in the stage, from 1
+    sa.Column("n_epochs", sa.Integer, nullable=True),  # ... of this many
+    sa.Column("options", sa.JSON, nullable=True),  # the train_* options the request gave
+    sa.Column("worker", sa.String(255), nullable=True),  # "host pid N" of the process that runs it
+    sa.Column("version", sa.String(64), nullable=True),  # the model version it registered
+    sa.Column("reason", sa.Text, nullable=True),  # the gate's reason; why it failed or was skipped
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_retrain_runs_created_at", "created_at"),  # the admin page lists the newest runs
+)
+
 # The website's own tags, in the demo schema. A real website keeps its tags in its own tables;
 # STILLTAG_DATASET_QUERY points the training worker at them instead.
 image_tags = sa.Table(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,7 @@ from shared import cli as shared_cli
 from shared.config import get_settings
 from shared.constants import TAGGING_QUEUES, TRAINING_QUEUE
 from shared.errors import report
+from shared.runtime import Runtime
 from training import cli as training_cli
 
 app = typer.Typer(help="stilltag: asynchronous image tagging with a preloaded fastai learner.", no_args_is_help=True)
@@ -69,6 +71,46 @@ def worker(
 
     names = tuple(q for q in TAGGING_QUEUES if q in names)  # uploads first, whatever the order given
     raise typer.Exit(run_tagging_worker(settings, names, loglevel=loglevel, hostname=hostname or None))
+
+
+@app.command()
+def audit(
+    version: Annotated[str, typer.Option(help="Model version to audit with; default the champion.")] = "",
+    limit: Annotated[int, typer.Option(min=0, help="Entries per list in the CSV and HTML (most confident first); "
+                                                   "0 for all.")] = 200,
+    all_images: Annotated[bool, typer.Option("--all", help="Score every tagged image, not only the holdout.")]
+    = False,
+    out: Annotated[Path | None, typer.Option(help="Folder for audit.csv, index.html and thumbs/; "
+                                                  "default STILLTAG_DATA_DIR/audits/VERSION-TIME.")] = None,
+    low: Annotated[float, typer.Option(help="List website tags the model puts below this.")] = 0.05,
+    high: Annotated[float, typer.Option(help="List tags the website lacks that the model puts above this.")] = 0.9,
+    rows: Annotated[int, typer.Option(min=0, help="Entries per list in the terminal table.")] = 10,
+) -> None:
+    """Check the website's tags with a model: tags it doubts, and tags it would add (CSV, HTML, table)."""
+    import datetime as dt
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from stilltag import audit as auditing
+
+    settings = get_settings()
+    console = Console(soft_wrap=True)
+    with Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as bars:
+        task = bars.add_task("scoring", total=None)
+        result = auditing.run_audit(settings, version=version or None, include_all=all_images, low=low, high=high,
+                                    progress=lambda done, total: bars.update(task, completed=done, total=total))
+    folder = out or settings.data_dir / "audits" / f"{result.version}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rt = Runtime(settings)
+    try:
+        csv_path = auditing.write_csv(folder / auditing.CSV_NAME, result, limit=limit or None)
+        html_path = auditing.write_html(folder, result, rt.images, limit=limit or None)
+    finally:
+        rt.close()
+    auditing.print_summary(console, result, rows=rows)
+    console.print(f"CSV:  {csv_path}\nHTML: {html_path}")
 
 
 shared_cli.register(app, shared_cli.models_app)

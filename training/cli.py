@@ -46,15 +46,17 @@ def train_now(settings, overrides: dict) -> None:
     """Run a retrain in this process with live progress bars."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from training import runs
     from training.lock import RetrainBusy
     from training.service import retrain, with_overrides
 
-    settings = with_overrides(settings, overrides)
+    trained = with_overrides(settings, overrides)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bars:
         on_progress, stage, batches = progress_bars(bars)
         try:
-            record = retrain(settings, progress=on_progress)
+            with runs.tracked(settings, None, overrides, forward=on_progress) as recorder:
+                record = retrain(trained, progress=recorder)
         except RetrainBusy as exc:
             console.print(f"[yellow]not started:[/yellow] {exc}")
             raise typer.Exit(1) from None
@@ -133,10 +135,18 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
 
         with_overrides(settings, overrides)  # refuse bad options here, not in the worker's log
         from shared.celery_app import create_app
+        from shared.runtime import Runtime
+        from training import runs
 
+        run_id = runs.new_run_id()  # the task's id: the run's row is there before the message
+        rt = Runtime(settings)
+        try:
+            runs.enqueued(rt, run_id=run_id, options=overrides)
+        finally:
+            rt.close()
         celery = create_app(settings)
         try:
-            result = celery.send_task(RETRAIN_TASK, kwargs=overrides, queue=TRAINING_QUEUE)
+            result = celery.send_task(RETRAIN_TASK, kwargs=overrides, queue=TRAINING_QUEUE, task_id=run_id)
         finally:
             celery.close()
         console.print(f"enqueued retrain {result.id} on {TRAINING_QUEUE!r}; a training worker "

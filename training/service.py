@@ -146,18 +146,18 @@ def worker_settings() -> Settings:
     return _worker_settings or get_settings()
 
 
-def retrain_from_task(**options) -> str:
+def retrain_from_task(run_id: str | None = None, /, **options) -> str:  # run_id: the task's, names its retrain_runs row
     """The ``stilltag.retrain`` task's body. ``options`` are ``train_*`` settings to override.
 
     A retrain refused by the lock is skipped (logged, not retried): the running one is as fresh.
     """
-    from training import metrics
+    from training import metrics, runs
 
-    settings = with_overrides(worker_settings(), options)
+    base = worker_settings()
     outcome = "failed"
     try:
-        with metrics.RETRAIN_DURATION.time():
-            record = retrain(settings, progress=_log_progress)
+        with metrics.RETRAIN_DURATION.time(), runs.tracked(base, run_id, options, forward=_log_progress) as progress:
+            record = retrain(with_overrides(base, options), progress=progress)
         outcome = record.status if record.status in metrics.OUTCOMES else "candidate"
         metrics.RETRAIN_LAST_SUCCESS.set_to_current_time()
     except RetrainBusy as exc:
@@ -189,6 +189,9 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO", hostname: st
         pool="solo", concurrency=1, queues=[TRAINING_QUEUE], loglevel=loglevel,
         hostname=host_format(hostname or f"training.{os.getpid()}@%h"), without_mingle=True, without_gossip=True,
     )
+    from training.runs import recover_orphans
+
+    recover_orphans(settings)  # runs a killed worker left "running" end as "failed", with the reason
     server = _health_server(settings)
     if server is not None:
         server.start()

@@ -26,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,20 +48,79 @@ from worker.service import Tagger
 
 log = logging.getLogger(__name__)
 
-IDLE_POLL_S = 0.2  # longest wait in the broker with nothing buffered (acks wait at most this)
+IDLE_POLL_S = 0.2  # longest wait in the broker with nothing in hand (acks wait at most this)
+BUSY_POLL_S = 0.02  # longest wait in the broker while a batch runs: its acknowledgement waits this
 FAILED_BATCH_BACKOFF_S = (0.5, 30.0)  # first and longest pause after a batch that did not commit
-BUSY_POLL_S = 0.005  # how often an overdue batch looks for an idle inference thread
-BATCHES_IN_FLIGHT = 3  # gathering + waiting + in the forward pass: the prefetch window, in batches
+BATCHES_IN_FLIGHT = 3  # per queue: in the forward pass + decoding for the next + gathering
 POP_REPLY_TIMEOUT_S = 5.0  # an atomic pop answers in milliseconds; no reply this long = a dead socket
 
 
 @dataclass
+class Held:
+    """One message in hand: its image's fetch + decode runs in the pool from the moment it arrives."""
+
+    message: Any
+    queue: str
+    future: Future
+    arrived_at: float  # monotonic: for the queue wait, max_wait_ms and the starvation guard
+
+
+@dataclass
 class Batch:
-    messages: list = field(default_factory=list)
-    futures: list[Future] = field(default_factory=list)
-    queues: list[str] = field(default_factory=list)
-    arrived_at: list[float] = field(default_factory=list)  # monotonic, per message: for the queue wait
-    first_at: float = 0.0
+    items: list[Held] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list:
+        return [h.message for h in self.items]
+
+
+class Pending:
+    """Messages taken from the broker and not yet in a forward pass, one FIFO lane per queue.
+
+    The inference thread takes a batch when it is free (``take``), so nothing closed early waits
+    in a hand-off: a batch is whatever is best to run at that moment. ``take`` fills it from the
+    lanes in priority order (``tagging`` before ``backfill``), so an upload rides in the very next
+    forward pass, ahead of any backfill the worker holds. A message held for ``starve_s`` goes
+    first whatever its lane, so a flood of uploads cannot keep backfill in hand until the
+    visibility timeout hands it to another worker.
+    """
+
+    def __init__(self, queues: tuple[str, ...], *, starve_s: float):
+        self.lanes: dict[str, deque[Held]] = {q: deque() for q in queues}
+        self.starve_s = starve_s
+
+    def __len__(self) -> int:
+        return sum(len(lane) for lane in self.lanes.values())
+
+    def add(self, held: Held) -> None:
+        self.lanes.setdefault(held.queue, deque()).append(held)
+
+    def oldest(self) -> float | None:
+        fronts = [lane[0].arrived_at for lane in self.lanes.values() if lane]
+        return min(fronts) if fronts else None
+
+    def due_at(self, *, max_batch: int, max_wait_s: float) -> float | None:
+        """When a batch should start (monotonic; 0 = now), or None with nothing pending."""
+        oldest = self.oldest()
+        if oldest is None:
+            return None
+        return 0.0 if len(self) >= max_batch else oldest + max_wait_s
+
+    def take(self, max_batch: int, now: float) -> Batch:
+        batch = Batch()
+        for lane in self.lanes.values():  # starving messages first, whatever their queue
+            while lane and len(batch.items) < max_batch and now - lane[0].arrived_at >= self.starve_s:
+                batch.items.append(lane.popleft())
+        for lane in self.lanes.values():  # then by queue priority, oldest first within a queue
+            while lane and len(batch.items) < max_batch:
+                batch.items.append(lane.popleft())
+        return batch
+
+    def drain(self) -> list[Held]:
+        items = [h for lane in self.lanes.values() for h in lane]
+        for lane in self.lanes.values():
+            lane.clear()
+        return items
 
 
 class BrokerLost(ConnectionError):
@@ -84,15 +144,18 @@ class BatchConsumer:
         self.settings = tagger.settings
         self.queues = queues
         self.stop_event = threading.Event()
-        self.ready: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
-        self.done: queue.Queue[tuple[Batch, Exception | None]] = queue.Queue()
-        self.batch = Batch()
         self.max_wait_s = self.settings.max_wait_ms / 1000
+        # Per queue, at most this many messages in hand (pending, in the forward pass or not yet
+        # acknowledged): enough for the forward pass, the next batch decoding, and one gathering.
+        self.window = self.settings.max_batch * BATCHES_IN_FLIGHT
+        self.pending = Pending(queues, starve_s=self.settings.visibility_timeout_s / 2)
+        self._cond = threading.Condition()  # guards pending and _closing; wakes the inference thread
+        self._closing = False
+        self._held_by_queue: dict[str, int] = dict.fromkeys(queues, 0)  # consumer thread only
+        self.done: queue.Queue[tuple[Batch, Exception | None]] = queue.Queue()
         self._next_restore = 0.0
-        self._inference_idle = threading.Event()  # set while the inference thread waits for a batch
-        self._next_idle_check = 0.0
         self._channel = None  # the channel of the current connection
-        self._owed: list[tuple[object, bool]] = []  # (message, committed) not yet settled with the broker
+        self._owed: list[tuple[Held, bool]] = []  # (message, committed) not yet settled with the broker
         # Progress, read by the liveness check (worker/health.py); monotonic seconds.
         self.started = threading.Event()  # set once the first connection consumes
         self.last_tick = time.monotonic()  # the consume loop ran
@@ -109,45 +172,25 @@ class BatchConsumer:
             park(self.tagger.runtime.events, queue=queue_name, raw=_raw(message), reason=str(exc))
             message.ack()
             return
-        now = time.monotonic()
-        if not self.batch.messages:
-            self.batch.first_at = now
-        self.batch.messages.append(message)
-        self.batch.queues.append(queue_name)
-        self.batch.arrived_at.append(now)
-        self.batch.futures.append(self.tagger.submit(image_id))
+        held = Held(message, queue_name, self.tagger.submit(image_id), time.monotonic())
+        self._held_by_queue[queue_name] = self._held_by_queue.get(queue_name, 0) + 1
+        with self._cond:
+            self.pending.add(held)
+            self._cond.notify()
         self._progress()
 
     def held(self) -> int:
-        """Messages this worker holds and has not sent to the forward pass (about: a waiting batch
-        counts as one)."""
-        return len(self.batch.messages) + (1 if self.ready.full() else 0)
+        """Messages this worker holds and has not sent to the forward pass."""
+        return len(self.pending)
 
     def _progress(self) -> None:
         self.last_progress = time.monotonic()
         metrics.LAST_PROGRESS.set_to_current_time()
 
-    def _batch_due(self) -> bool:
-        b = self.batch
-        if not b.messages:
-            return False
-        if len(b.messages) >= self.settings.max_batch:
-            return True
-        # Past max_wait_ms a batch goes as soon as the inference thread can take it. While that
-        # thread is busy the batch keeps gathering (and decoding) instead: closed early it would
-        # only wait in the hand-off, and under load it would stay small (batches of 5-9 of 64 were
-        # seen in the benchmark), paying the forward pass and the transaction per few images.
-        return time.monotonic() >= b.first_at + self.max_wait_s and self._inference_idle.is_set()
-
-    def _dispatch(self) -> None:
-        batch, self.batch = self.batch, Batch()
-        while True:  # the inference thread is busy: keep acknowledging while we wait for it
-            self._ack_done()
-            try:
-                self.ready.put(batch, timeout=0.02)
-                return
-            except queue.Full:
-                continue
+    def _full_queues(self) -> frozenset[str]:
+        """Queues this worker holds a full window of: the next pop skips them, so a backlog of
+        backfill never keeps an upload in Redis."""
+        return frozenset(q for q, n in self._held_by_queue.items() if n >= self.window)
 
     def _ack_done(self) -> None:
         self._collect_done()
@@ -163,12 +206,13 @@ class BatchConsumer:
         silent after a Redis restart, alive and consuming nothing.
         """
         while self._owed:
-            message, committed = self._owed[0]
+            held, committed = self._owed[0]
             try:
-                _settle(self._channel, message, committed)
+                _settle(self._channel, held.message, committed)
             except Exception as exc:
                 raise BrokerLost(f"could not {'acknowledge' if committed else 'return'} a message: {exc}") from exc
             self._owed.pop(0)
+            self._held_by_queue[held.queue] = max(0, self._held_by_queue.get(held.queue, 0) - 1)
 
     def _maybe_restore(self, channel) -> None:
         now = time.monotonic()
@@ -182,23 +226,9 @@ class BatchConsumer:
             except Exception:
                 log.exception("could not return expired unacknowledged messages")
 
-    def _maybe_idle_check(self) -> None:
-        """With nothing to tag, still let the inference thread follow the champion, so the first
-        image after a promotion does not wait for the new model to load."""
-        now = time.monotonic()
-        if self.batch.messages or now < self._next_idle_check:
-            return
-        self._next_idle_check = now + self.settings.model_poll_s
-        try:
-            self.ready.put_nowait(Batch())
-        except queue.Full:  # busy: it checks between batches anyway
-            pass
-
     def _wait_s(self) -> float:
-        if not self.batch.messages:
-            return IDLE_POLL_S
-        left = self.batch.first_at + self.max_wait_s - time.monotonic()
-        return left if left > 0.001 else BUSY_POLL_S  # overdue: look again soon for an idle inference thread
+        # Acknowledgements wait for this loop: look often while a batch is in the forward pass.
+        return BUSY_POLL_S if self.inference_started_at is not None or self.pending.oldest() else IDLE_POLL_S
 
     def _connection(self) -> QuickRetryConnection:
         redis_broker = self.settings.broker_scheme in ("redis", "rediss")
@@ -212,13 +242,13 @@ class BatchConsumer:
         self.last_tick = time.monotonic()
 
     def _consume(self) -> None:
-        prefetch = self.settings.max_batch * BATCHES_IN_FLIGHT
         with self._connection() as conn:
             conn.ensure_connection(max_retries=None, callback=self._waiting_for_broker)
+            # kombu's window covers every queue; the per-queue window is kept by ``_full_queues``.
             consumer = conn.Consumer([Queue(q) for q in self.queues], on_message=self.on_message,
-                                     accept=["json"], prefetch_count=prefetch)
+                                     accept=["json"], prefetch_count=self.window * len(self.queues))
             with consumer:
-                self._channel = consumer.channel
+                channel = self._channel = consumer.channel
                 self._settle()  # what an earlier connection could not acknowledge
                 log.info("consuming %s (max_batch=%d, max_wait_ms=%d)", ",".join(self.queues),
                          self.settings.max_batch, self.settings.max_wait_ms)
@@ -226,29 +256,22 @@ class BatchConsumer:
                 while not self.stop_event.is_set():
                     self._tick()
                     self._ack_done()
-                    self._maybe_restore(consumer.channel)
-                    if getattr(consumer.channel, "pop_overdue", None) and consumer.channel.pop_overdue(POP_REPLY_TIMEOUT_S):
+                    self._maybe_restore(channel)
+                    if getattr(channel, "pop_overdue", None) and channel.pop_overdue(POP_REPLY_TIMEOUT_S):
                         raise BrokerLost(f"no reply from the broker for {POP_REPLY_TIMEOUT_S:.0f} s")
+                    if hasattr(channel, "skip_queues"):
+                        channel.skip_queues = self._full_queues()
                     try:
                         conn.drain_events(timeout=self._wait_s())
                     except TimeoutError:
                         pass
-                    if self._batch_due():
-                        self._dispatch()
-                    self._maybe_idle_check()
                 self._shutdown()
 
     def _waiting_for_broker(self) -> None:
-        """Between attempts to reach the broker: the batch in hand still goes to the forward pass
-        (the database may be up), and what finished is kept to acknowledge later."""
+        """Between attempts to reach the broker: the inference thread goes on with what this
+        worker holds (the database may be up), and what finishes is kept to acknowledge later."""
         self._tick()  # waiting for the broker is not a stuck loop: /readyz reports the broker
         self._collect_done()  # acknowledged on the next connection
-        if self.batch.messages and self._inference_idle.is_set():
-            try:
-                self.ready.put_nowait(self.batch)
-                self.batch = Batch()
-            except queue.Full:
-                pass
         if self.stop_event.is_set():
             raise _Stop()
 
@@ -259,32 +282,28 @@ class BatchConsumer:
                 batch, error = self.done.get_nowait()
             except queue.Empty:
                 return
-            self._owed.extend((message, error is None) for message in batch.messages)
+            self._owed.extend((held, error is None) for held in batch.items)
+
+    def _close_inference(self) -> list[Held]:
+        """Stop the inference thread after the batch in its forward pass; what it has not taken
+        comes back, for the queue."""
+        with self._cond:
+            self._closing = True
+            left = self.pending.drain()
+            self._cond.notify_all()
+        self._inference.join()
+        return left
 
     def _shutdown(self) -> None:
         """Graceful stop: the batch in the forward pass is finished and acknowledged; every other
-        message this worker holds (gathering, or waiting for the forward pass) goes back to its
-        queue now, for another worker."""
-        held: list[Batch | None] = [self.batch]
-        self.batch = Batch()
-        try:
-            held.append(self.ready.get_nowait())
-        except queue.Empty:
-            pass
-        returned = 0
-        for batch in held:
-            if batch is None:
-                continue
-            for f in batch.futures:
-                f.cancel()
-            self._owed.extend((message, False) for message in batch.messages)
-            returned += len(batch.messages)
-        self.ready.put(None)
-        self._inference.join()
+        message this worker holds goes back to its queue now, for another worker."""
+        left = self._close_inference()
+        for held in left:
+            held.future.cancel()
+        self._owed.extend((held, False) for held in left)
         self._ack_done()
-        self._settle()
         log.info("stopped: the batch in the forward pass was finished; %d held message(s) returned to the queue",
-                 returned)
+                 len(left))
 
     def run(self) -> None:
         """Consume until ``stop()``; survives broker restarts and bad messages."""
@@ -298,7 +317,7 @@ class BatchConsumer:
             except _Stop:
                 break
             except Exception as exc:
-                # Broker gone or a transport error. What this worker holds stays in its batches and is
+                # Broker gone or a transport error. What this worker holds stays pending and is
                 # acknowledged on the next connection; a killed worker's messages come back by the sweep.
                 log.error("consumer error (%s: %s); reconnecting", type(exc).__name__, exc)
                 metrics.RECONNECTS.inc()
@@ -306,40 +325,57 @@ class BatchConsumer:
                 self._tick()
                 self.stop_event.wait(pause)
         if self._inference.is_alive():
-            self.ready.put(None)
-            self._inference.join()
+            self._close_inference()
 
     def stop(self) -> None:
         self.stop_event.set()
 
     # --- inference thread -------------------------------------------------------------------
+    def _next_batch(self) -> Batch | None:
+        """The next batch to run, as soon as one is due; an empty one when it is time to look for
+        a new champion; None once the consumer closes.
+
+        A batch is due at ``max_batch`` images, or ``max_wait_ms`` after its oldest. While the
+        forward pass runs, images keep arriving and decoding here, so the next batch is full under
+        load instead of closed small early.
+        """
+        next_check = time.monotonic() + self.settings.model_poll_s
+        with self._cond:
+            while not self._closing:
+                now = time.monotonic()
+                due = self.pending.due_at(max_batch=self.settings.max_batch, max_wait_s=self.max_wait_s)
+                if due is not None and due <= now:
+                    return self.pending.take(self.settings.max_batch, now)
+                if due is None and now >= next_check:
+                    return Batch()  # idle: follow the champion, so the first image after a promotion does not wait
+                self._cond.wait(max(0.0, min(next_check if due is None else due, next_check) - now))
+        return None
+
     def _inference_loop(self) -> None:
         backoff = 0.0
         while True:
-            self._inference_idle.set()
-            batch = self.ready.get()
-            self._inference_idle.clear()
+            batch = self._next_batch()
             if batch is None:
                 return
-            if not batch.messages:  # an idle tick from the main thread
+            if not batch.items:
                 self.tagger.maybe_switch()
                 continue
             try:
                 self.tagger.maybe_switch()
                 started = self.inference_started_at = time.monotonic()
-                for arrived in batch.arrived_at:
-                    metrics.QUEUE_WAIT.observe(started - arrived)
+                for held in batch.items:
+                    metrics.QUEUE_WAIT.observe(started - held.arrived_at)
                 t0 = time.perf_counter()
-                self.tagger.run_batch([f.result() for f in batch.futures])
-                log.info("batch of %d (%d from %s) tagged with %s in %.0f ms", len(batch.messages),
-                         batch.queues.count(self.queues[0]), self.queues[0], self.tagger.loaded.version,
-                         (time.perf_counter() - t0) * 1000)
+                self.tagger.run_batch([held.future.result() for held in batch.items])
+                log.info("batch of %d (%d from %s) tagged with %s in %.0f ms", len(batch.items),
+                         sum(h.queue == self.queues[0] for h in batch.items), self.queues[0],
+                         self.tagger.loaded.version, (time.perf_counter() - t0) * 1000)
                 _observe_enqueue_to_commit(batch.messages)
                 self.done.put((batch, None))
                 self._progress()
                 backoff = 0.0
             except Exception as exc:
-                log.exception("batch of %d not committed; its messages go back to the queue", len(batch.messages))
+                log.exception("batch of %d not committed; its messages go back to the queue", len(batch.items))
                 metrics.BATCH_FAILURES.inc()
                 self.done.put((batch, exc))
                 backoff = min(max(backoff * 2, FAILED_BATCH_BACKOFF_S[0]), FAILED_BATCH_BACKOFF_S[1])

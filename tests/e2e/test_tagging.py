@@ -1,13 +1,17 @@
 """A real tagging worker process on PostgreSQL + Redis: enqueue → suggestions in the database."""
 
+import datetime as dt
+import itertools
 import json
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from bench.stack import poll_until
 from demo.synthetic import make_picture
 from shared.constants import PARKED_KEY, TAGGED_CHANNEL
+from shared.db import tagging_status
 from tests.envelopes import broken_envelopes, lpush
 from tests.images import png_bomb
 
@@ -102,27 +106,58 @@ def test_a_duplicated_message_leaves_the_same_rows_as_one(running):
     assert [r for r in running.suggestions() if r[0] == 501] == once
 
 
-def test_uploads_are_served_before_backfill(running):
-    ids = list(range(1000, 1160))
-    picture = make_picture(7).jpeg()
-    for i in [*ids, 2000]:
+def _batches(engine, since: dt.datetime) -> list[dt.datetime]:
+    """The commit stamps of the batches written since ``since``: one ``updated_at`` per batch."""
+    with engine.connect() as c:
+        return sorted(c.execute(sa.select(tagging_status.c.updated_at).distinct()
+                                .where(tagging_status.c.updated_at > since)).scalars())
+
+
+def _committed_at(engine, image_id: int) -> dt.datetime | None:
+    with engine.connect() as c:
+        return c.execute(sa.select(tagging_status.c.updated_at).where(tagging_status.c.image_id == image_id)).scalar()
+
+
+def test_an_upload_waits_for_the_batch_in_the_forward_pass_and_its_own(running):
+    """Uploads first, strictly: behind 10,000 backfill messages (more than the worker may hold),
+    an upload rides in the first batch that starts after it arrives."""
+    backlog = list(range(100_000, 110_000))
+    uploads = list(range(120_000, 120_005))
+    picture = make_picture(8, size=(96, 64)).jpeg()
+    for i in [*backlog, *uploads]:
         running.put_image(i, picture)
-    running.push("backfill", ids)
-    running.push("tagging", [2000])  # one upload arrives behind a burst of backfill
-    running.wait_for([*ids, 2000], timeout_s=300)
-    with running.engine().connect() as c:
-        import sqlalchemy as sa
+    max_batch, max_wait_ms = 8, 50  # the module's worker
+    window = 3 * max_batch  # BATCHES_IN_FLIGHT batches per queue
+    began = dt.datetime.now(dt.UTC)
+    running.push("backfill", backlog)
+    poll_until(lambda: len(_batches(running.engine(), began)) >= 5, 120, "the worker tags the backlog")
 
-        from shared.db import tagging_status
-
-        order = [r.image_id for r in c.execute(
-            sa.select(tagging_status.c.image_id).where(tagging_status.c.image_id.in_([*ids, 2000]))
-            .order_by(tagging_status.c.updated_at, tagging_status.c.image_id))]
-    ahead = order.index(2000)
-    print(f"upload behind {len(ids)} backfill images was committed after {ahead} of them")
-    # Only what the worker had already taken (the prefetch window: 3 batches of 8) goes first.
-    assert ahead <= 3 * 8
-
+    waits, cycles = [], []
+    for upload in uploads:
+        before = _batches(running.engine(), began)
+        sent_at = dt.datetime.now(dt.UTC)
+        t0 = time.perf_counter()
+        running.push("tagging", [upload])
+        committed = poll_until(lambda u=upload: _committed_at(running.engine(), u), 60, f"upload {upload} tagged",
+                               interval_s=0.005)
+        waits.append((time.perf_counter() - t0) * 1000)
+        ran = [t for t in _batches(running.engine(), sent_at) if t <= committed]
+        # The batch in the forward pass when the upload arrived (if it committed after), then the
+        # upload's own: never a backfill batch that the worker had gathered before it.
+        assert len(ran) <= 2, f"upload {upload} waited for {len(ran) - 1} batches"
+        stamps = [*before[-20:], *ran]
+        cycles.append(max((b - a).total_seconds() * 1000 for a, b in itertools.pairwise(stamps)))
+        assert running.redis.llen("backfill") > 0, "the backlog must still be there behind the upload"
+    held = running.redis.hlen("unacked")
+    running.redis.delete("backfill")  # the rest of the backlog is not this test's business
+    _wait_until_idle(running.redis, timeout_s=120)
+    # The target: max_wait_ms + two batch cycles (forward pass + commit at max_batch, the longest
+    # seen around the upload) + 100 ms.
+    target = [max_wait_ms + 2 * c + 100 for c in cycles]
+    print(f"uploads behind a backlog of {len(backlog)}: waited {[round(w) for w in waits]} ms, "
+          f"targets {[round(t) for t in target]} ms; the worker held {held} messages (window {2 * window})")
+    assert all(w <= t for w, t in zip(waits, target, strict=True)), (waits, target)
+    assert held <= 2 * window + 1
 
 def test_a_lone_upload_is_tagged_in_its_own_small_batch(running):
     worker = running.workers[0]

@@ -43,8 +43,12 @@ def test_migrations_create_every_table_and_go_back(db_url):
     upgrade(db_url)
     engine = make_engine(db_url)
     names = set(sa.inspect(engine).get_table_names())
-    assert {"tag_suggestions", "tagging_status", "model_versions", "image_tags", "alembic_version"} <= names
+    assert {"tag_suggestions", "tagging_status", "model_versions", "image_tags", "retrain_runs",
+            "alembic_version"} <= names
     upgrade(db_url)  # running it again is a no-op
+    downgrade(db_url, "0001")
+    assert "retrain_runs" not in set(sa.inspect(engine).get_table_names())
+    assert "tag_suggestions" in set(sa.inspect(engine).get_table_names())
     downgrade(db_url, "base")
     assert "tag_suggestions" not in set(sa.inspect(engine).get_table_names())
     engine.dispose()

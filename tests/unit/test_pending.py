@@ -1,0 +1,42 @@
+"""How the tagging worker fills a batch from what it holds (worker/consumer.py ``Pending``)."""
+
+from concurrent.futures import Future
+
+from worker.consumer import Held, Pending
+
+
+def held(queue: str, n: int, at: float) -> Held:
+    return Held(message=f"{queue}-{n}", queue=queue, future=Future(), arrived_at=at)
+
+
+def fill(pending: Pending, queue: str, ns, at: float) -> None:
+    for n in ns:
+        pending.add(held(queue, n, at + n / 1000))
+
+
+def test_uploads_go_first_then_backfill_oldest_first():
+    p = Pending(("tagging", "backfill"), starve_s=60)
+    fill(p, "backfill", range(10), at=0.0)
+    fill(p, "tagging", range(3), at=1.0)  # arrived after the backfill
+    batch = p.take(8, now=2.0)
+    assert batch.messages == ["tagging-0", "tagging-1", "tagging-2", *(f"backfill-{n}" for n in range(5))]
+    assert [h.message for h in p.drain()] == [f"backfill-{n}" for n in range(5, 10)]
+
+
+def test_held_too_long_goes_first_whatever_its_queue():
+    p = Pending(("tagging", "backfill"), starve_s=60)
+    fill(p, "backfill", range(4), at=0.0)
+    fill(p, "tagging", range(8), at=60.0)
+    batch = p.take(8, now=60.0025)  # backfill-0..2 are held 60 s or more, backfill-3 is not
+    assert batch.messages == ["backfill-0", "backfill-1", "backfill-2", *(f"tagging-{n}" for n in range(5))]
+
+
+def test_a_batch_is_due_full_or_max_wait_after_its_oldest():
+    p = Pending(("tagging", "backfill"), starve_s=60)
+    assert p.due_at(max_batch=4, max_wait_s=0.05) is None
+    fill(p, "backfill", range(2), at=10.0)
+    fill(p, "tagging", range(1), at=10.5)
+    assert p.due_at(max_batch=4, max_wait_s=0.05) == 10.05  # the oldest held message sets the clock
+    fill(p, "tagging", range(1, 2), at=10.6)
+    assert p.due_at(max_batch=4, max_wait_s=0.05) == 0.0  # full: now
+    assert len(p) == 4
