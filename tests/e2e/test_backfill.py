@@ -108,7 +108,7 @@ def test_backfill_tags_every_image_once_and_keeps_the_queue_bounded(stack_factor
     print(f"highest LLEN backfill {sampler.highest} (bound 64)")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_backfill_stops_on_a_signal_and_carries_on(stack_factory, signum):
     stack = stack_factory(max_batch=16, max_wait_ms=20)
     ids = add_archive(stack, 1200)
