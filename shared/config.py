@@ -10,6 +10,7 @@ import difflib
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,10 @@ class Settings(BaseSettings):
         default=50, ge=0, le=60_000, description="Longest wait for more images after the first."
     )
     threshold: float = Field(default=0.2, gt=0.0, lt=1.0, description="Keep tags at or above this probability.")
+    thresholds: Literal["global", "per_tag"] = Field(
+        default="global",
+        description="global: every tag at STILLTAG_THRESHOLD; per_tag: each tag at the threshold stored with the model.",
+    )
     top_k: int = Field(default=10, ge=1, description="Keep at most this many tags per image.")
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     fetch_concurrency: int = Field(default=16, ge=1, le=512, description="Concurrent image fetches per batch.")
@@ -122,6 +127,9 @@ class Settings(BaseSettings):
     # --- training ---------------------------------------------------------------------
     train_arch: str = Field(default="resnet152", description="torchvision/fastai architecture name.")
     train_pretrained: bool = Field(default=True, description="Start from ImageNet weights (needs a download).")
+    train_weights: str = Field(
+        default="", description="A torchvision state dict (.pth) to start from instead of downloading ImageNet weights."
+    )
     train_image_size: int = Field(default=224, ge=16, description="Square input size of the model.")
     train_batch_size: int = Field(default=64, ge=1)
     train_lr: float = Field(
@@ -131,6 +139,11 @@ class Settings(BaseSettings):
     train_epochs_unfrozen: int = Field(default=5, ge=0)
     train_patience: int = Field(default=2, ge=1, description="Epochs without a better valid loss before stopping.")
     train_min_tag_images: int = Field(default=10, ge=1, description="Tags on fewer images are left out.")
+    threshold_floor: float = Field(default=0.05, gt=0.0, lt=1.0, description="Per-tag thresholds are at least this.")
+    threshold_ceiling: float = Field(default=0.8, gt=0.0, lt=1.0, description="Per-tag thresholds are at most this.")
+    threshold_min_positives: int = Field(
+        default=10, ge=1, description="A tag on fewer validation images keeps STILLTAG_THRESHOLD as its threshold."
+    )
     holdout_pct: int = Field(default=10, ge=1, le=50, description="Share of images in the fixed holdout.")
     holdout_seed: str = Field(default="stilltag", description="Seed of the holdout's hash rule.")
     dataset_query: str = Field(
@@ -189,6 +202,13 @@ class Settings(BaseSettings):
         if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
             raise ValueError("STILLTAG_DEVICE must be auto, cpu, cuda or cuda:N")
         return value
+
+    @model_validator(mode="after")
+    def _threshold_bounds_ordered(self) -> Settings:
+        if self.threshold_floor > self.threshold_ceiling:
+            raise ValueError(f"STILLTAG_THRESHOLD_FLOOR ({self.threshold_floor:g}) must not exceed "
+                             f"STILLTAG_THRESHOLD_CEILING ({self.threshold_ceiling:g})")
+        return self
 
     @model_validator(mode="after")
     def _retag_needs_query(self) -> Settings:

@@ -54,6 +54,15 @@ class ModelVersion:
         return cls(**row._asdict())
 
 
+def tag_thresholds(record: ModelVersion) -> dict[str, float] | None:
+    """The per-tag thresholds stored with a version (``metrics["thresholds"]``, chosen on the
+    validation split by the retrain), or None for a version without them (registered by hand)."""
+    value = (record.metrics or {}).get("thresholds")
+    if not isinstance(value, dict) or not value:
+        return None
+    return {str(tag): float(t) for tag, t in value.items() if isinstance(t, (int, float))}
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

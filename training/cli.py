@@ -87,6 +87,23 @@ def show_version(version: str) -> None:
             console.print(f"  holdout:  F2 {m['f2']:.4f}, accuracy_multi {m.get('accuracy_multi', 0):.4f}, "
                           f"precision {m.get('precision', 0):.4f}, recall {m.get('recall', 0):.4f} "
                           f"at threshold {m.get('threshold', '-')} on {m.get('holdout_size', '-')} images")
+        if isinstance(m.get("f2_per_tag_thresholds"), (int, float)):
+            console.print(f"  holdout:  F2 {m['f2_per_tag_thresholds']:.4f} with per-tag thresholds "
+                          f"(STILLTAG_THRESHOLDS=per_tag)")
+        gate = m.get("gate") or {}
+        if "champion_f2" in gate:
+            console.print(f"  gate:     {gate['n_images']} holdout images ({gate['mode']} thresholds): this model "
+                          f"{gate['new_f2']:.4f}, champion {gate['champion']} {gate['champion_f2']:.4f}, difference "
+                          f"95% interval {gate['diff_low']:+.4f} to {gate['diff_high']:+.4f}")
+        thresholds = registry.tag_thresholds(v)
+        if thresholds:
+            rule = m.get("thresholds_rule") or {}
+            fallback = set(rule.get("fallback_tags", []))
+            console.print(f"  thresholds per tag (best F2 on the validation split, within "
+                          f"{rule.get('floor', '?')}–{rule.get('ceiling', '?')}; * = fewer than "
+                          f"{rule.get('min_positives', '?')} positives, global threshold):")
+            for tag, t in sorted(thresholds.items()):
+                console.print(f"    {tag:<24} {t:.3f}{' *' if tag in fallback else ''}", markup=False)
         if "train_seconds" in m:
             console.print(f"  training: {len(m.get('epochs', []))} epochs in {m['train_seconds']:.0f}s on "
                           f"{m.get('device', '?')}, lr {m.get('lr', 0):.2e}, image size {m.get('image_size', '-')}")

@@ -6,7 +6,9 @@ The scores are scikit-learn's on ``(images, tags)`` arrays so they can be checke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,9 +32,10 @@ class Evaluation:
     accuracy: float  # fastai's accuracy_multi: share of (image, tag) decisions that are right
     precision: float  # samples-averaged
     recall: float  # samples-averaged
-    threshold: float
+    threshold: float  # the global threshold (with per-tag thresholds: the one tags without their own use)
     n_images: int
     per_tag: list[TagScore] = field(default_factory=list)
+    mode: str = "global"  # or "per_tag": each tag at its own threshold
 
     def metrics(self) -> dict:
         """The record stored in ``model_versions.metrics`` (JSON)."""
@@ -54,12 +57,35 @@ def targets(examples: list[Example], vocab: list[str]) -> np.ndarray:
     return out
 
 
-def score(probs: np.ndarray, truth: np.ndarray, vocab: list[str], *, threshold: float, beta: float = BETA) -> Evaluation:
+def cutoffs(vocab: list[str], *, threshold: float, per_tag: dict[str, float] | None = None) -> np.ndarray:
+    """Each tag's threshold: its own from ``per_tag``, else ``threshold``."""
+    per_tag = per_tag or {}
+    return np.array([float(per_tag.get(t, threshold)) for t in vocab], dtype=float)
+
+
+def per_image_fbeta(probs: np.ndarray, truth: np.ndarray, cut: np.ndarray | float, *, beta: float = BETA) -> np.ndarray:
+    """Each image's F-beta at ``cut`` (one threshold, or one per tag); the mean is the samples average.
+
+    An image with nothing right (no true positive) scores 0, as ``zero_division=0`` gives.
+    """
+    pred = np.asarray(probs, dtype=float) >= cut
+    truth = np.asarray(truth).astype(bool)
+    tp = (pred & truth).sum(axis=1)
+    fp = (pred & ~truth).sum(axis=1)
+    fn = (~pred & truth).sum(axis=1)
+    b2 = beta * beta
+    denominator = (1 + b2) * tp + b2 * fn + fp
+    return np.divide((1 + b2) * tp, denominator, out=np.zeros(len(tp), dtype=float), where=denominator > 0)
+
+
+def score(probs: np.ndarray, truth: np.ndarray, vocab: list[str], *, threshold: float, beta: float = BETA,
+          per_tag_thresholds: dict[str, float] | None = None) -> Evaluation:
     """Scores of probabilities ``(images, tags)`` against 0/1 ``truth`` at ``threshold``.
 
     Precision, recall and F-beta are scikit-learn's (``average="samples"`` for the totals, per
     tag for the table). An undefined ratio (no tag predicted, a tag with no support) counts as 0
-    (``zero_division=0``).
+    (``zero_division=0``). With ``per_tag_thresholds`` each tag is cut at its own threshold
+    (tags without one at ``threshold``).
     """
     from sklearn.metrics import precision_recall_fscore_support
 
@@ -68,9 +94,10 @@ def score(probs: np.ndarray, truth: np.ndarray, vocab: list[str], *, threshold: 
     if probs.shape != truth.shape or probs.ndim != 2 or probs.shape[1] != len(vocab):
         raise ValueError(f"probabilities {probs.shape}, truth {truth.shape} and {len(vocab)} tags do not match")
     n = probs.shape[0]
+    mode = "global" if per_tag_thresholds is None else "per_tag"
     if n == 0:
-        return Evaluation(0.0, 0.0, 0.0, 0.0, threshold, 0, [])
-    pred = probs >= threshold
+        return Evaluation(0.0, 0.0, 0.0, 0.0, threshold, 0, [], mode)
+    pred = probs >= cutoffs(vocab, threshold=threshold, per_tag=per_tag_thresholds)
     precision, recall, f2, _ = precision_recall_fscore_support(truth, pred, beta=beta, average="samples",
                                                                zero_division=0)
     tag_p, tag_r, tag_f, support = precision_recall_fscore_support(truth, pred, beta=beta, average=None,
@@ -86,15 +113,37 @@ def score(probs: np.ndarray, truth: np.ndarray, vocab: list[str], *, threshold: 
         threshold=threshold,
         n_images=n,
         per_tag=per_tag,
+        mode=mode,
     )
 
 
-def predict(learn, examples: list[Example]) -> np.ndarray:
-    """Probabilities ``(images, tags)`` through the learner's validation pipeline."""
-    dl = learn.dls.test_dl(examples, num_workers=0)
-    with learn.no_bar():
-        probs, _ = learn.get_preds(dl=dl)
-    return probs.float().numpy()
+PREDICT_CHUNK_IMAGES = 256  # pictures held in memory at a time when they are read here
+
+
+def predict(learn, examples: list[Example], *, read: Callable[[Example], Any] | None = None) -> np.ndarray:
+    """Probabilities ``(images, tags)`` through the learner's validation pipeline.
+
+    Args:
+        read: reads an example's picture (e.g. ``shared.learner_parts.ImageFromStore``). Given,
+            the pictures are read here and the learner's own ``get_x`` is skipped
+            (``test_dl(rm_type_tfms=1)``), so any exported learner can be scored on the same
+            pictures, however it read its training images (a hand-registered champion too).
+            Not given, the learner reads them with its ``get_x``.
+    """
+    if not examples:
+        return np.zeros((0, len(learn.dls.vocab)), dtype=np.float32)
+    parts = []
+    chunk = len(examples) if read is None else PREDICT_CHUNK_IMAGES
+    for start in range(0, len(examples), chunk):
+        items = examples[start:start + chunk]
+        if read is None:
+            dl = learn.dls.test_dl(items, num_workers=0)
+        else:
+            dl = learn.dls.test_dl([read(ex) for ex in items], rm_type_tfms=1, num_workers=0)
+        with learn.no_bar():
+            probs, _ = learn.get_preds(dl=dl)
+        parts.append(probs.float().numpy())
+    return np.concatenate(parts)
 
 
 def evaluate(learn, examples: list[Example], *, threshold: float) -> Evaluation:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Settings
+from shared.errors import UserError, one_line
 from shared.learner_parts import ImageFromStore, example_tags
 from shared.learner_pickle import resolve_device
 from training.dataset import Dataset
@@ -151,17 +152,107 @@ def build_dataloaders(dataset: Dataset, settings: Settings, *, device):
     return block.dataloaders(items, bs=settings.train_batch_size, num_workers=workers, device=device)
 
 
+class WeightsUnavailable(UserError):
+    """The starting weights cannot be had: not downloadable here, or the local file does not fit."""
+
+
+WAYS_OUT = ("set STILLTAG_TRAIN_PRETRAINED=false to train from scratch, or STILLTAG_TRAIN_WEIGHTS=/path/to/{arch}.pth "
+            "(a torchvision state dict, e.g. that file downloaded on another machine)")
+
+
+def weights_url(builder) -> str:
+    """Where torchvision downloads ``builder``'s default ImageNet weights ("" when unknown)."""
+    from torchvision.models import get_model_weights
+
+    try:
+        return str(get_model_weights(builder).DEFAULT.url)
+    except (ValueError, AttributeError, KeyError):
+        return ""
+
+
+def load_state_dict(path: str, arch: str) -> dict:
+    """A torchvision state dict from ``path`` (tensors only: ``weights_only``, nothing unpickled)."""
+    import torch
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise WeightsUnavailable(f"STILLTAG_TRAIN_WEIGHTS={path}: no such file; it must be a torchvision state dict "
+                                 f"(.pth) for {arch}")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailable(f"STILLTAG_TRAIN_WEIGHTS={path} is not a torch state dict ({one_line(str(exc))[:200]})"
+                                 ) from None
+    if not isinstance(state, dict):
+        raise WeightsUnavailable(f"STILLTAG_TRAIN_WEIGHTS={path} holds a {type(state).__name__}, not a state dict "
+                                 f"(save it with torch.save(model.state_dict(), path))")
+    return state
+
+
 def build_learner(dls, settings: Settings, *, workdir: Path):
+    """``vision_learner`` on the architecture, starting from ImageNet (downloaded by torchvision),
+    from a local torchvision state dict (``STILLTAG_TRAIN_WEIGHTS``) or from scratch.
+
+    Raises:
+        WeightsUnavailable: the ImageNet weights cannot be downloaded (one line with the two ways
+            out), or the local file is not a state dict for this architecture.
+    """
     from fastai.vision.all import FBetaMulti, accuracy_multi, vision_learner
 
     f2 = FBetaMulti(beta=2, average="samples", thresh=settings.threshold)
     # An image with no tag above the threshold has no precision; score it 0 as evaluate.py does
     # instead of sklearn warning on every such batch (FBetaMulti does not pass this through).
     f2.kwargs["zero_division"] = 0
-    learn = vision_learner(
-        dls, resolve_arch(settings.train_arch), pretrained=settings.train_pretrained,
-        metrics=[partial(accuracy_multi, thresh=settings.threshold), f2], path=workdir,
-    )
+    builder = resolve_arch(settings.train_arch)
+    metrics = [partial(accuracy_multi, thresh=settings.threshold), f2]
+    if settings.train_weights:
+        return _learner_from_file(dls, builder, settings, metrics=metrics, workdir=workdir)
+    try:
+        return vision_learner(dls, builder, pretrained=settings.train_pretrained, metrics=metrics, path=workdir)
+    except (OSError, RuntimeError) as exc:  # urllib's URLError/HTTPError are OSErrors
+        if not settings.train_pretrained or not _is_download_failure(exc):
+            raise
+        url = weights_url(builder)
+        what = url or f"torchvision's default weights for {settings.train_arch}"
+        raise WeightsUnavailable(
+            f"cannot download the ImageNet weights for {settings.train_arch} ({what}): {_reason(exc)}; "
+            + WAYS_OUT.format(arch=settings.train_arch)
+        ) from None
+
+
+def _is_download_failure(exc: BaseException) -> bool:
+    import urllib.error
+
+    return isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)) or (
+        isinstance(exc, RuntimeError) and "download" in str(exc).lower())
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return one_line(str(reason if reason is not None else exc)).strip("<>") or type(exc).__name__
+
+
+def _learner_from_file(dls, builder, settings: Settings, *, metrics, workdir: Path):
+    """fastai's ``vision_learner`` with the body cut (``create_body``, fastai's own cut for the
+    architecture) from a torchvision model holding the local state dict, frozen as a pretrained
+    learner is. The learner keeps the architecture itself as ``arch``, so its export is like any other."""
+    from fastai.vision.all import create_body, model_meta, vision_learner
+
+    state = load_state_dict(settings.train_weights, settings.train_arch)
+    source = builder(weights=None)
+    try:
+        source.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1:2] or [str(exc)]
+        raise WeightsUnavailable(
+            f"STILLTAG_TRAIN_WEIGHTS={settings.train_weights} is not a state dict for {settings.train_arch}: "
+            f"{one_line(first[0])[:200]}; use torchvision's {settings.train_arch} weights or change STILLTAG_TRAIN_ARCH"
+        ) from None
+    learn = vision_learner(dls, builder, pretrained=False, metrics=metrics, path=workdir)
+    body = create_body(source, pretrained=True, cut=model_meta.get(builder, {}).get("cut"))
+    learn.model[0].load_state_dict(body.state_dict())
+    learn.freeze()  # as vision_learner does for pretrained weights: the head trains first
+    learn.pretrained = True
     return learn
 
 

@@ -13,15 +13,24 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from shared import registry
 from shared.config import Settings, get_settings
 from shared.constants import TRAINING_QUEUE
 from shared.db import transaction
-from shared.errors import SettingsError
+from shared.errors import SettingsError, UserError, one_line
 from shared.registry import ModelVersion
 from shared.runtime import Runtime
+from training.dataset import DatasetError
 from training.lock import RetrainBusy, retrain_lock
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from training.evaluate import Evaluation
+    from training.gate import Decision
+    from training.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +82,6 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
     """
     from training import recipe
     from training.dataset import export_dataset
-    from training.evaluate import evaluate
     from training.gate import apply as apply_gate
     from training.report import write_report
 
@@ -84,36 +92,48 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
             _emit(progress, "stage", name="dataset", detail="running STILLTAG_DATASET_QUERY")
             with rt.sessions() as session:
                 dataset = export_dataset(session=session, settings=settings)
-            log.info("dataset: %d images (%d train, %d valid, %d holdout), %d tags, %d rare tags left out",
+            log.info("dataset: %d images (%d train, %d valid, %d holdout), %d tags, %d rare tags left out%s",
                      dataset.size, len(dataset.train), len(dataset.valid), len(dataset.holdout),
-                     len(dataset.vocab), len(dataset.dropped_tags))
+                     len(dataset.vocab), len(dataset.dropped_tags),
+                     f", split by {dataset.groups} groups" if dataset.groups else "")
             _emit(progress, "stage", name="dataset",
                   detail=f"{dataset.size} images, {len(dataset.vocab)} tags, holdout {len(dataset.holdout)}")
             with tempfile.TemporaryDirectory(prefix="stilltag-train-") as tmp:
                 run = recipe.train(dataset, settings, workdir=Path(tmp) / "work", progress=progress)
                 _emit(progress, "stage", name="evaluate", detail=f"{len(dataset.holdout)} holdout images")
-                evaluation = evaluate(run.learn, dataset.holdout, threshold=settings.threshold)
-                log.info("holdout F2 %.4f at threshold %g on %d images", evaluation.f2, settings.threshold,
-                         evaluation.n_images)
+                judged = _evaluate_and_judge(rt, dataset, run)
+                evaluation, per_tag_eval = judged.evaluation, judged.per_tag_evaluation
+                thresholds, decision = judged.thresholds, judged.decision
+                log.info("holdout F2 %.4f at threshold %g, %.4f with per-tag thresholds, on %d images",
+                         evaluation.f2, settings.threshold, per_tag_eval.f2, evaluation.n_images)
                 summary = {
                     "arch": settings.train_arch, "pretrained": settings.train_pretrained,
+                    "weights": settings.train_weights or ("ImageNet" if settings.train_pretrained else "none"),
                     "image_size": settings.train_image_size, "device": run.device,
-                    "holdout_f2": round(evaluation.f2, 4), "holdout_accuracy_multi": round(evaluation.accuracy, 4),
-                    "threshold": settings.threshold, "lr": f"{run.lr:.3e}",
+                    "holdout_f2": round(evaluation.f2, 4),
+                    "holdout_f2_per_tag_thresholds": round(per_tag_eval.f2, 4),
+                    "holdout_accuracy_multi": round(evaluation.accuracy, 4),
+                    "threshold": settings.threshold, "thresholds served": settings.thresholds, "lr": f"{run.lr:.3e}",
                     "images": dataset.size, "train / valid / holdout":
                         f"{len(dataset.train)} / {len(dataset.valid)} / {len(dataset.holdout)}",
+                    "split by": f"group_id ({dataset.groups} groups)" if dataset.groups else "image_id",
                     "tags": len(dataset.vocab), "rare tags left out": len(dataset.dropped_tags),
                     "images without a kept tag": dataset.dropped_images,
                     "snapshot_at": dataset.snapshot_at.isoformat(timespec="seconds"),
                     "training time (s)": round(run.seconds, 1),
+                    "gate": decision.reason,
                 }
                 files = write_report(Path(tmp) / "report", summary=summary, evaluation=evaluation,
-                                     epochs=run.epochs, batch_losses=run.batch_losses, lr_find=run.lr_find, lr=run.lr)
+                                     epochs=run.epochs, batch_losses=run.batch_losses, lr_find=run.lr_find, lr=run.lr,
+                                     per_tag_evaluation=per_tag_eval, thresholds=thresholds,
+                                     holdout_probs=judged.holdout_probs, holdout=dataset.holdout,
+                                     read=judged.read, mode=settings.thresholds)
                 metrics = {
                     **evaluation.metrics(), "lr": run.lr, "epochs": run.epochs, "train_seconds": round(run.seconds, 1),
                     "train_size": len(dataset.train), "valid_size": len(dataset.valid), "device": run.device,
                     "image_size": settings.train_image_size, "pretrained": settings.train_pretrained,
-                    "dropped_tags": dataset.dropped_tags,
+                    "dropped_tags": dataset.dropped_tags, "groups": dataset.groups,
+                    "f2_per_tag_thresholds": per_tag_eval.f2, **thresholds.record(), "gate": decision.record(),
                 }
                 _emit(progress, "stage", name="register", detail=str(settings.model_store))
                 with transaction(rt.sessions) as session:
@@ -122,8 +142,8 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                         vocab=list(run.learn.dls.vocab), metrics=metrics, dataset_size=dataset.size,
                         snapshot_at=dataset.snapshot_at, extra_files=files,
                     )
-                    record, decision = apply_gate(session=session, record=record, tolerance=settings.gate_tolerance)
-            log.info("registered %s as %s: %s", record.version, record.status, decision.reason)
+                    record = apply_gate(session=session, record=record, decision=decision)
+            log.info("registered %s as %s: %s", record.version, record.status, record.reason)
             if decision.promote:  # committed: the training worker may start the re-tag now
                 from shared.backfill import request_retag
 
@@ -134,6 +154,49 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
     finally:
         if rt is not source:
             rt.close()
+
+
+class Judged(NamedTuple):
+    evaluation: Evaluation  # holdout, global threshold
+    per_tag_evaluation: Evaluation  # holdout, per-tag thresholds
+    thresholds: Thresholds  # chosen on the validation split
+    decision: Decision
+    holdout_probs: np.ndarray
+    read: Callable  # reads a picture, as both models were scored with
+
+
+def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
+    """Thresholds from the validation split; the holdout scored both ways; the gate's decision
+    against the champion scored on the same holdout pictures."""
+    from shared.learner_parts import ImageFromStore
+    from training import gate, thresholds
+    from training.evaluate import predict, score, targets
+
+    settings = rt.settings
+    vocab = [str(t) for t in run.learn.dls.vocab]
+    read = ImageFromStore(settings.image_url, endpoint_url=settings.s3_endpoint_url,
+                          max_bytes=settings.max_image_bytes)
+    valid_probs = predict(run.learn, dataset.valid, read=read)
+    chosen = thresholds.choose(valid_probs, targets(dataset.valid, vocab), vocab, default=settings.threshold,
+                               floor=settings.threshold_floor, ceiling=settings.threshold_ceiling,
+                               min_positives=settings.threshold_min_positives)
+    holdout_probs = predict(run.learn, dataset.holdout, read=read)
+    truth = targets(dataset.holdout, vocab)
+    evaluation = score(holdout_probs, truth, vocab, threshold=settings.threshold)
+    per_tag_eval = score(holdout_probs, truth, vocab, threshold=settings.threshold,
+                         per_tag_thresholds=chosen.as_dict())
+    served = per_tag_eval if settings.thresholds == "per_tag" else evaluation
+    with rt.sessions() as session:
+        champion = registry.champion(session=session)
+    decision = gate.judge(
+        f2=served.f2, new_probs=holdout_probs, vocab=vocab, holdout=dataset.holdout, champion=champion,
+        mode=settings.thresholds, threshold=settings.threshold, new_thresholds=chosen.as_dict(),
+        tolerance=settings.gate_tolerance,
+        champion_probs=lambda record: gate.champion_probabilities(
+            record, store=rt.model_store, cache_dir=rt.model_cache_dir, holdout=dataset.holdout, read=read,
+            cpu=run.device != "cuda"),
+    )
+    return Judged(evaluation, per_tag_eval, chosen, decision, holdout_probs, read)
 
 
 def _log_progress(event: str, fields: dict) -> None:
@@ -150,6 +213,8 @@ def retrain_from_task(run_id: str | None = None, /, **options) -> str:  # run_id
     """The ``stilltag.retrain`` task's body. ``options`` are ``train_*`` settings to override.
 
     A retrain refused by the lock is skipped (logged, not retried): the running one is as fresh.
+    One that fails for a reason the admin must fix (a ``UserError``: the dataset, the weights) is
+    logged as one line and returned as ``failed: ...``, not raised: a traceback would bury the line.
     """
     from training import metrics, runs
 
@@ -160,10 +225,13 @@ def retrain_from_task(run_id: str | None = None, /, **options) -> str:  # run_id
             record = retrain(with_overrides(base, options), progress=progress)
         outcome = record.status if record.status in metrics.OUTCOMES else "candidate"
         metrics.RETRAIN_LAST_SUCCESS.set_to_current_time()
-    except RetrainBusy as exc:
+    except (RetrainBusy, DatasetError) as exc:  # the retrain_runs row says skipped too (training/runs.py)
         outcome = "skipped"
-        log.warning("retrain skipped: %s", exc)
-        return f"skipped: {exc}"
+        log.warning("retrain skipped: %s", one_line(str(exc)))
+        return f"skipped: {one_line(str(exc))}"
+    except UserError as exc:  # e.g. no ImageNet weights offline: one line says what to change, no traceback
+        log.error("retrain failed: %s", one_line(str(exc)))
+        return f"failed: {one_line(str(exc))}"
     finally:
         metrics.RETRAIN_RUNS.labels(outcome).inc()
     return f"{record.version} {record.status}: {record.reason}"

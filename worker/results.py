@@ -31,10 +31,14 @@ class ImageResult:
     error: str | None = None
 
 
-def select_tags(probs: np.ndarray, vocab: list[str], *, threshold: float, top_k: int) -> list[tuple[str, float]]:
-    """Tags with probability ≥ threshold, most probable first, at most ``top_k``."""
+def select_tags(
+    probs: np.ndarray, vocab: list[str], *, threshold: float | np.ndarray, top_k: int
+) -> list[tuple[str, float]]:
+    """Tags with probability ≥ threshold (one for all tags, or one per tag), most probable first,
+    at most ``top_k``."""
+    cut = np.broadcast_to(np.asarray(threshold, dtype=float), probs.shape)
     order = np.argsort(-probs, kind="stable")[:top_k]
-    return [(vocab[i], float(probs[i])) for i in order if probs[i] >= threshold]
+    return [(vocab[i], float(probs[i])) for i in order if probs[i] >= cut[i]]
 
 
 def _upsert(session: Session):

@@ -50,6 +50,7 @@ class Tagger:
         self.runtime = runtime or Runtime(settings)
         self.device = resolve_device(settings.device)
         self.model: TaggingModel | None = None
+        self._cutoffs: tuple[str, np.ndarray | float] | None = None  # (model version, threshold(s) to keep tags at)
         self._last_poll = 0.0
         self._failed_version: str | None = None  # a champion that would not load, not retried until
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
@@ -68,11 +69,24 @@ class Tagger:
         model = TaggingModel.load(path, version=record.version, device=self.device)
         log.info("loaded model %s (%s, %d tags) on %s in %.1f s", record.version, model.arch, len(model.vocab),
                  self.device, time.perf_counter() - t0)
+        self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))
         old, self.model = self.model, model
         metrics.set_model(model.version, model.arch, str(self.device))
         if old is not None:
             old.release()
         return model
+
+    def cutoffs_for(self, record: registry.ModelVersion, vocab: list[str]) -> np.ndarray | float:
+        """``STILLTAG_THRESHOLD``, or with ``STILLTAG_THRESHOLDS=per_tag`` the version's own threshold
+        per tag (tags without one, or a version without any, at ``STILLTAG_THRESHOLD``)."""
+        if self.settings.thresholds != "per_tag":
+            return self.settings.threshold
+        per_tag = registry.tag_thresholds(record)
+        if per_tag is None:
+            log.warning("model %s has no per-tag thresholds (registered by hand?); using STILLTAG_THRESHOLD=%g",
+                        record.version, self.settings.threshold)
+            return self.settings.threshold
+        return np.array([per_tag.get(t, self.settings.threshold) for t in vocab], dtype=np.float32)
 
     def wait_for_champion(self, stop=lambda: False) -> TaggingModel | None:
         """Block until a champion exists (a fresh install has none yet) and load it."""
@@ -144,10 +158,11 @@ class Tagger:
         if ok:
             with metrics.INFERENCE.time():
                 probs = model.predict(np.stack([p.pixels for p in ok if p.pixels is not None]))
+        cut = self._cutoffs[1] if self._cutoffs and self._cutoffs[0] == model.version else self.settings.threshold
         by_id = {}
         for i, p in enumerate(ok):
             by_id[p.image_id] = tagged(
-                p.image_id, select_tags(probs[i], model.vocab, threshold=self.settings.threshold, top_k=self.settings.top_k)
+                p.image_id, select_tags(probs[i], model.vocab, threshold=cut, top_k=self.settings.top_k)
             )
         for p in prepared:
             if p.pixels is None:

@@ -157,3 +157,83 @@ def test_too_little_data_says_what_to_do(database, make_settings):
     settings = make_settings(database_url=url, train_min_tag_images=1)
     with sessions() as session, pytest.raises(DatasetError, match="set is empty"):
         export_dataset(session=session, settings=settings)
+
+
+# --- groups (group_id): no group straddles train and holdout ---------------------------------
+
+# The README's query for a Rails schema whose stills belong to movies.
+GROUP_QUERY = ("SELECT taggings.taggable_id AS image_id, tags.name AS tag, stills.movie_id AS group_id "
+               "FROM taggings JOIN tags ON tags.id = taggings.tag_id JOIN stills ON stills.id = taggings.taggable_id "
+               "WHERE taggings.taggable_type = 'Still' AND taggings.context = 'tags'")
+
+
+def _parts(ds) -> dict[str, set[int]]:
+    return {"train": {e.image_id for e in ds.train}, "valid": {e.image_id for e in ds.valid},
+            "holdout": {e.image_id for e in ds.holdout}}
+
+
+def test_a_group_column_keeps_each_movie_on_one_side(database, make_settings):
+    url, sessions = database
+    movie_of = {n: 1 + n // 7 for n in range(1, 701)}  # 100 movies of ~7 stills
+    with transaction(sessions) as session:
+        session.execute(sa.text("CREATE TABLE tags (id INTEGER PRIMARY KEY, name VARCHAR(255))"))
+        session.execute(sa.text("CREATE TABLE stills (id INTEGER PRIMARY KEY, movie_id INTEGER)"))
+        session.execute(sa.text("CREATE TABLE taggings (id INTEGER PRIMARY KEY, tag_id INTEGER, taggable_id INTEGER, "
+                                "taggable_type VARCHAR(255), context VARCHAR(128))"))
+        session.execute(sa.text("INSERT INTO tags (id, name) VALUES (1, 'cat'), (2, 'dog')"))
+        session.execute(sa.text("INSERT INTO stills (id, movie_id) VALUES (:id, :movie)"),
+                        [{"id": n, "movie": m} for n, m in movie_of.items()])
+        session.execute(sa.text("INSERT INTO taggings (id, tag_id, taggable_id, taggable_type, context) "
+                                "VALUES (:id, :tag, :image, 'Still', 'tags')"),
+                        [{"id": n, "tag": 1 + n % 2, "image": n} for n in movie_of])
+    settings = make_settings(database_url=url, dataset_query=GROUP_QUERY, train_min_tag_images=1, holdout_pct=10)
+    with sessions() as session:
+        ds = export_dataset(session=session, settings=settings)
+    assert ds.size == 700 and ds.groups == 101
+    parts = _parts(ds)
+    movies = {name: {movie_of[i] for i in ids} for name, ids in parts.items()}
+    assert movies["holdout"] and movies["valid"] and movies["train"]
+    assert not movies["train"] & movies["holdout"]
+    assert not movies["train"] & movies["valid"]
+    assert not movies["valid"] & movies["holdout"]
+    # The same images split by image ID (no group column) would put movies on both sides.
+    by_image = split({i: ("cat",) for i in movie_of}, seed="stilltag", pct=10)
+    train_movies = {movie_of[e.image_id] for e in by_image[0]}
+    assert train_movies & {movie_of[e.image_id] for e in by_image[2]}
+
+
+def test_without_a_group_the_split_is_the_image_id_rule():
+    """The rule images were split by before groups existed: sha256 of seed, salt and image ID."""
+    import hashlib
+
+    def old_bucket(seed: str, image_id: int, salt: str = "") -> int:
+        return int.from_bytes(hashlib.sha256(f"{seed}:{salt}:{image_id}".encode()).digest()[:8], "big") % 10_000
+
+    labels = {i: ("a",) for i in range(1, 2001)}
+    train, valid, holdout = split(labels, seed="s", pct=10)
+    assert [e.image_id for e in holdout] == [i for i in labels if old_bucket("s", i) < 1000]
+    assert [e.image_id for e in valid] == [i for i in labels if old_bucket("s", i) >= 1000
+                                          and old_bucket("s", i, "valid") < 1000]
+    assert split(labels, seed="s", pct=10, groups={}) == (train, valid, holdout)
+
+
+def test_images_with_a_null_group_are_split_by_their_own_id(database, make_settings):
+    url, sessions = database
+    fill(sessions, {i: {"a"} for i in range(1, 301)})
+    query = "SELECT image_id, tag, CASE WHEN image_id <= 150 THEN 7 END AS group_id FROM image_tags"
+    settings = make_settings(database_url=url, dataset_query=query, train_min_tag_images=1, holdout_pct=10)
+    with sessions() as session:
+        ds = export_dataset(session=session, settings=settings)
+    parts = _parts(ds)
+    side = [name for name, ids in parts.items() if set(range(1, 151)) <= ids]
+    assert len(side) == 1  # group 7 is on one side, whole
+    ungrouped = {name: ids - set(range(1, 151)) for name, ids in parts.items()}
+    _, _, holdout = split({i: ("a",) for i in range(151, 301)}, seed="stilltag", pct=10)
+    assert ungrouped["holdout"] == {e.image_id for e in holdout}
+
+
+def test_a_third_column_must_be_group_id(database):
+    _, sessions = database
+    fill(sessions, {1: {"a"}})
+    with sessions() as session, pytest.raises(DatasetError, match="group_id"):
+        list(read_rows(session=session, query="SELECT image_id, tag, tag AS movie FROM image_tags"))
