@@ -67,6 +67,9 @@ EXAMPLES: dict[str, str] = {
     "threshold_floor": "0.1",
     "threshold_ceiling": "0.6",
     "threshold_min_positives": "20",
+    "backfill_query": "SELECT id AS image_id FROM stills",
+    "backfill_max_pending": "2000",
+    "retag_on_promote": "true",
     "retrain_schedule": "0 2 * * 0",
 }
 

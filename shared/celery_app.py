@@ -13,10 +13,11 @@ from kombu import Queue
 
 from shared.broker import QuickRetryConnection, transport_class, transport_options
 from shared.config import Settings, get_settings
-from shared.constants import BACKFILL_QUEUE, ENQUEUED_AT_HEADER, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
+from shared.constants import BACKFILL_QUEUE, ENQUEUED_AT_HEADER, RETAG_TASK, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.schedule import retrain_crontab
 
-TASK_MODULES = ("worker.tasks", "training.tasks")  # stilltag.tag, stilltag.retrain
+PUBLISH_BATCH = 500  # messages per Redis pipeline when several are sent at once
+TASK_MODULES = ("worker.tasks", "training.tasks")  # stilltag.tag; stilltag.retrain and stilltag.retag
 
 
 def celery_config(settings: Settings) -> dict:
@@ -28,7 +29,8 @@ def celery_config(settings: Settings) -> dict:
         "broker_connection_max_retries": None,  # a worker waits for the broker forever, never gives up
         "task_queues": [Queue(TAGGING_QUEUE), Queue(BACKFILL_QUEUE), Queue(TRAINING_QUEUE)],
         "task_default_queue": TAGGING_QUEUE,
-        "task_routes": {TAG_TASK: {"queue": TAGGING_QUEUE}, RETRAIN_TASK: {"queue": TRAINING_QUEUE}},
+        "task_routes": {TAG_TASK: {"queue": TAGGING_QUEUE}, RETRAIN_TASK: {"queue": TRAINING_QUEUE},
+                        RETAG_TASK: {"queue": TRAINING_QUEUE}},
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
@@ -61,12 +63,17 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-def enqueue_tag_requests(settings: Settings, image_ids, *, queue: str = TAGGING_QUEUE) -> int:
+def enqueue_tag_requests(settings: Settings, image_ids, *, queue: str = TAGGING_QUEUE, app: Celery | None = None) -> int:
     """Send ``stilltag.tag`` for each image, as the website does, with the optional enqueue-time
-    header (``stilltag_enqueue_to_commit_seconds``). Returns how many were sent."""
-    app = create_app(settings)
+    header (``stilltag_enqueue_to_commit_seconds``). Returns how many were sent.
+
+    ``app`` reuses a Celery app (and its broker connection) across calls, as a backfill does.
+    """
+    app = app or create_app(settings)
     sent = 0
-    with app.producer_or_acquire() as producer:
+    # kombu's publish batch: the LPUSHes of up to PUBLISH_BATCH messages go in one pipeline, not
+    # one round trip each (a backfill sends hundreds of thousands); same messages.
+    with app.producer_or_acquire() as producer, producer.batch(max_size=PUBLISH_BATCH):
         for image_id in image_ids:
             app.send_task(TAG_TASK, args=[image_id], queue=queue, producer=producer,
                           headers={ENQUEUED_AT_HEADER: time.time()})

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.backfill_cli import backfill
 from shared.config import get_settings
 from shared.constants import BACKFILL_QUEUE, TAGGING_QUEUE
 from shared.errors import UserError
@@ -82,6 +83,8 @@ def models_register(
             record = registry.promote(session=session, version=record.version, reason="promoted at registration")
     console.print(f"registered {record.version} ({record.arch}, {len(record.vocab)} tags, sha256 {record.sha256[:12]}…) "
                   f"as {record.status}")
+    if promote:
+        _retag(record.version, "promoted at registration")
 
 
 @models_app.command("list")
@@ -110,6 +113,7 @@ def models_promote(version: str) -> None:
     with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.promote(session=session, version=version, reason="promoted by an admin")
     console.print(f"{record.version} is the champion")
+    _retag(record.version, "promoted by an admin")
 
 
 @models_app.command("rollback")
@@ -121,9 +125,22 @@ def models_rollback() -> None:
     with runtime() as rt, transaction(rt.sessions) as session:
         record = registry.rollback(session=session)
     console.print(f"rolled back: {record.version} is the champion again")
+    _retag(record.version, "rollback")
+
+
+def _retag(version: str, reason: str) -> None:
+    """With STILLTAG_RETAG_ON_PROMOTE, ask the training worker for a stale backfill (after the commit)."""
+    from shared.backfill import request_retag
+    from shared.constants import TRAINING_QUEUE
+
+    task_id = request_retag(get_settings(), version=version, reason=reason)
+    if task_id is not None:
+        console.print(f"re-tag enqueued ({task_id}) on {TRAINING_QUEUE!r}: a training worker backfills what the "
+                      "champion has not tagged")
 
 
 def register(app: typer.Typer, models: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
     app.add_typer(models, name="models")
     app.command()(enqueue)
+    app.command()(backfill)

@@ -21,6 +21,9 @@ from shared.errors import ENV_PREFIX, SettingsError
 STORE_SCHEMES = ("file://", "s3://")  # what shared.stores.open_store reads
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # STILLTAG_INFERENCE_PRECISION
 COMPILE_MODES = ("off", "default", "reduce-overhead")  # STILLTAG_INFERENCE_COMPILE
+# Ten batches: a worker holds up to three, so the queue still feeds it while a backfill polls
+# (every 0.1 s), and Redis holds a few hundred kB at most (a message is ~0.7 kB).
+BACKFILL_PENDING_BATCHES = 10
 
 
 class Settings(BaseSettings):
@@ -126,6 +129,24 @@ class Settings(BaseSettings):
         description="A tagging worker that makes no progress this long while messages wait exits non-zero.",
     )
 
+    # --- backfill ---------------------------------------------------------------------
+    backfill_query: str = Field(
+        default="",
+        description="SQL on the website's database returning one column image_id: the archive that "
+        "`stilltag backfill --stale` and re-tag on promotion go through.",
+    )
+    backfill_max_pending: int = Field(
+        default=0,
+        ge=0,
+        description="A backfill waits while the backfill queue holds more messages than this; "
+        "0 means 10 x STILLTAG_MAX_BATCH.",
+    )
+    retag_on_promote: bool = Field(
+        default=False,
+        description="After every promotion or rollback, the training worker re-tags what the new champion "
+        "has not tagged (a stale backfill over STILLTAG_BACKFILL_QUERY).",
+    )
+
     # --- training ---------------------------------------------------------------------
     train_arch: str = Field(default="resnet152", description="torchvision/fastai architecture name.")
     train_pretrained: bool = Field(default=True, description="Start from ImageNet weights (needs a download).")
@@ -227,6 +248,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _retag_needs_query(self) -> Settings:
+        if self.retag_on_promote and not self.backfill_query.strip():
+            raise ValueError("STILLTAG_RETAG_ON_PROMOTE=true needs STILLTAG_BACKFILL_QUERY, the SQL that lists "
+                             "the archive's image IDs (e.g. SELECT id AS image_id FROM stills)")
+        return self
+
+    @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
         data_dir = self.data_dir.expanduser().resolve()
         object.__setattr__(self, "data_dir", data_dir)
@@ -239,6 +267,11 @@ class Settings(BaseSettings):
         if not self.events_url and self.broker_is_redis:
             object.__setattr__(self, "events_url", self.broker_url)
         return self
+
+    @property
+    def max_pending(self) -> int:
+        """The backfill bound: ``backfill_max_pending``, or ten batches when it is 0."""
+        return self.backfill_max_pending or BACKFILL_PENDING_BATCHES * self.max_batch
 
     @property
     def broker_scheme(self) -> str:

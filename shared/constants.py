@@ -38,3 +38,7 @@ RETRAIN_LOCK_KEY = "stilltag:retrain-lock"  # Redis lock held while a retrain ru
 RETRAIN_LOCK_FILE = "retrain.lock"  # fcntl lock in the data folder (any other broker)
 
 REDIS_SCHEMES = ("redis", "rediss")  # broker URL schemes of the Redis transport (rediss: TLS)
+
+RETAG_TASK = "stilltag.retag"  # a stale backfill after a promotion, run by the training worker
+BACKFILL_ENQUEUED_KEY = "stilltag:backfill:enqueued"  # Redis counter: messages every backfill has sent
+BACKFILL_CURSOR_KEY = "stilltag:backfill:cursor:{selection}"  # highest image ID an interrupted run sent

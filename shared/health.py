@@ -14,10 +14,10 @@ from collections.abc import Callable
 from wsgiref.simple_server import make_server
 
 from prometheus_client import REGISTRY, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
-from shared.constants import BACKFILL_QUEUE, TAGGING_QUEUE, TRAINING_QUEUE
+from shared.constants import BACKFILL_ENQUEUED_KEY, BACKFILL_QUEUE, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.errors import SettingsError
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,30 @@ class QueueLengthCollector:
         yield family
 
 
+class BackfillCollector:
+    """``stilltag_backfill_enqueued_total`` and ``stilltag_backfill_pending``, read from Redis at
+    scrape time: a backfill is a process of its own (``stilltag backfill``, or the training
+    worker's re-tag), so it keeps its count in Redis (``stilltag:backfill:enqueued``), and every
+    worker serves it beside the queue lengths."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def collect(self):
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(BACKFILL_ENQUEUED_KEY)
+            pipe.llen(BACKFILL_QUEUE)
+            enqueued, pending = pipe.execute()
+        except Exception as exc:  # Redis down: no sample rather than a wrong one
+            log.debug("backfill counts unavailable: %s", exc)
+            return
+        yield CounterMetricFamily("stilltag_backfill_enqueued", "Messages every backfill has sent to the backfill "
+                                  "queue (kept in Redis, stilltag:backfill:enqueued).", value=int(enqueued or 0))
+        yield GaugeMetricFamily("stilltag_backfill_pending", "Messages waiting in the backfill queue (LLEN); "
+                                "a backfill keeps it at or below its --max-pending.", value=pending)
+
+
 def redis_client(url: str):
     """A Redis client for health checks and queue lengths: short timeouts, never blocks a scrape."""
     import redis
@@ -150,5 +174,6 @@ def redis_client(url: str):
 
 
 def register_queue_lengths(client) -> None:
-    """Export ``stilltag_queue_length`` from this Redis client (the broker's)."""
+    """Export ``stilltag_queue_length`` and the backfill metrics from this Redis client (the broker's)."""
     REGISTRY.register(QueueLengthCollector(client))
+    REGISTRY.register(BackfillCollector(client))

@@ -144,6 +144,10 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                     )
                     record = apply_gate(session=session, record=record, decision=decision)
             log.info("registered %s as %s: %s", record.version, record.status, record.reason)
+            if decision.promote:  # committed: the training worker may start the re-tag now
+                from shared.backfill import request_retag
+
+                request_retag(settings, version=record.version, reason="promoted by the gate")
             _emit(progress, "done", version=record.version, status=record.status, reason=record.reason,
                   f2=evaluation.f2)
             return record
@@ -200,6 +204,11 @@ def _log_progress(event: str, fields: dict) -> None:
         log.info("retrain: %s — %s", fields.get("name"), fields.get("detail", ""))
 
 
+def worker_settings() -> Settings:
+    """The settings of the training worker running this task (the process's, outside one)."""
+    return _worker_settings or get_settings()
+
+
 def retrain_from_task(run_id: str | None = None, /, **options) -> str:  # run_id: the task's, names its retrain_runs row
     """The ``stilltag.retrain`` task's body. ``options`` are ``train_*`` settings to override.
 
@@ -209,7 +218,7 @@ def retrain_from_task(run_id: str | None = None, /, **options) -> str:  # run_id
     """
     from training import metrics, runs
 
-    base = _worker_settings or get_settings()
+    base = worker_settings()
     outcome = "failed"
     try:
         with metrics.RETRAIN_DURATION.time(), runs.tracked(base, run_id, options, forward=_log_progress) as progress:

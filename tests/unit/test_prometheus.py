@@ -99,23 +99,30 @@ def exported_families() -> list:
     import shared.broker  # noqa: F401  (stilltag_parked)
     import training.metrics  # noqa: F401
     import worker.metrics  # noqa: F401
-    from shared.health import QueueLengthCollector
+    from shared.health import BackfillCollector, QueueLengthCollector
 
-    class FakeRedis:  # answers QueueLengthCollector's pipeline
+    class FakeRedis:  # answers the collectors' pipelines: 0 for every command queued
+        queued = 0
+
         def pipeline(self, transaction):
+            self.queued = 0
             return self
 
         def llen(self, name):
-            pass
+            self.queued += 1
 
         def hlen(self, name):
-            pass
+            self.queued += 1
+
+        def get(self, name):
+            self.queued += 1
 
         def execute(self):
-            return [0] * (len(QueueLengthCollector.QUEUES) + 1)
+            return [0] * self.queued
 
     extra = CollectorRegistry()
     extra.register(QueueLengthCollector(FakeRedis()))
+    extra.register(BackfillCollector(FakeRedis()))
     return [family for registry in (REGISTRY, extra) for family in registry.collect()]
 
 
