@@ -106,37 +106,15 @@ def parse_variant(text: str) -> tuple[str, tuple[tuple[str, str], ...]]:
 def export_learner(folder: Path, *, arch: str, size: int, train_images: int = TRAIN_IMAGES) -> Path:
     """A learner shaped like the seed model (squish to ``size``, ImageNet stats), trained for two
     epochs on generated pictures (so its probabilities spread out, for the parity figures), exported."""
-    import pandas as pd
     import torchvision
-    from fastai.vision.all import (
-        ColReader,
-        DataBlock,
-        ImageBlock,
-        MultiCategoryBlock,
-        Normalize,
-        RandomSplitter,
-        Resize,
-        imagenet_stats,
-        vision_learner,
-    )
+    from fastai.vision.all import vision_learner
 
-    from demo.synthetic import VOCAB, make_pictures
+    from demo.synthetic import picture_dataloaders
 
     arch_fn = getattr(torchvision.models, arch, None)
     if arch_fn is None:
         raise typer.BadParameter(f"{arch!r} is not a torchvision model (e.g. resnet18, resnet152)", param_hint="--arch")
-    rows = []
-    (folder / "train").mkdir(parents=True, exist_ok=True)
-    for pic in make_pictures(range(1, max(train_images, 8) + 1)):
-        path = folder / "train" / f"{pic.image_id}.jpg"
-        pic.image.save(path)
-        rows.append({"path": str(path), "tags": " ".join(pic.tags)})
-    block = DataBlock(
-        blocks=(ImageBlock, MultiCategoryBlock(vocab=list(VOCAB))), get_x=ColReader("path"),
-        get_y=ColReader("tags", label_delim=" "), splitter=RandomSplitter(valid_pct=0.25, seed=0),
-        item_tfms=Resize(size, method="squish"), batch_tfms=Normalize.from_stats(*imagenet_stats),
-    )
-    dls = block.dataloaders(pd.DataFrame(rows), bs=8, num_workers=0)
+    dls = picture_dataloaders(folder / "train", range(1, max(train_images, 8) + 1), size=size, bs=8)
     learn = vision_learner(dls, arch_fn, pretrained=False)
     if train_images:
         with learn.no_bar(), learn.no_logging():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -77,3 +78,35 @@ def make_picture(image_id: int, *, seed: int = 0, size: tuple[int, int] = (96, 9
 
 def make_pictures(image_ids, *, seed: int = 0, size: tuple[int, int] = (96, 96)) -> list[Picture]:
     return [make_picture(i, seed=seed, size=size) for i in image_ids]
+
+
+def picture_dataloaders(folder: Path, image_ids, *, size: int, bs: int, seed: int = 0,
+                        picture_size: tuple[int, int] = (96, 96), augment: bool = False):
+    """Generated pictures saved under ``folder`` as fastai DataLoaders the way the seed project
+    built them: squish-resize to ``size``, ImageNet stats, a quarter held out for validation."""
+    import pandas as pd
+    from fastai.vision.all import (
+        ColReader,
+        DataBlock,
+        ImageBlock,
+        MultiCategoryBlock,
+        Normalize,
+        RandomSplitter,
+        Resize,
+        aug_transforms,
+        imagenet_stats,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for pic in make_pictures(image_ids, seed=seed, size=picture_size):
+        path = folder / f"{pic.image_id}.jpg"
+        path.write_bytes(pic.jpeg())
+        rows.append({"path": str(path), "tags": " ".join(pic.tags)})
+    block = DataBlock(
+        blocks=(ImageBlock, MultiCategoryBlock(vocab=list(VOCAB))), get_x=ColReader("path"),
+        get_y=ColReader("tags", label_delim=" "), splitter=RandomSplitter(valid_pct=0.25, seed=seed),
+        item_tfms=Resize(size, method="squish"),
+        batch_tfms=[*(aug_transforms() if augment else []), Normalize.from_stats(*imagenet_stats)],
+    )
+    return block.dataloaders(pd.DataFrame(rows), bs=bs, num_workers=0)

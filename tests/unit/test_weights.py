@@ -11,7 +11,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from demo.synthetic import VOCAB, make_pictures
+from demo.synthetic import make_pictures, picture_dataloaders
 from shared.db import image_tags, transaction
 from shared.migrate import upgrade
 from shared.runtime import Runtime
@@ -22,27 +22,7 @@ OFFLINE_LIMIT_S = 60  # the download must fail fast, not hang
 
 
 def _dls(tmp_path, size: int = 32):
-    import pandas as pd
-    from fastai.vision.all import (
-        ColReader,
-        DataBlock,
-        ImageBlock,
-        MultiCategoryBlock,
-        Normalize,
-        RandomSplitter,
-        Resize,
-        imagenet_stats,
-    )
-
-    rows = []
-    for pic in make_pictures(range(1, 17), size=(size, size)):
-        path = tmp_path / f"{pic.image_id}.jpg"
-        path.write_bytes(pic.jpeg())
-        rows.append({"path": str(path), "tags": " ".join(pic.tags)})
-    block = DataBlock(blocks=(ImageBlock, MultiCategoryBlock(vocab=list(VOCAB))), get_x=ColReader("path"),
-                      get_y=ColReader("tags", label_delim=" "), splitter=RandomSplitter(0.25, seed=0),
-                      item_tfms=Resize(size, method="squish"), batch_tfms=[Normalize.from_stats(*imagenet_stats)])
-    return block.dataloaders(pd.DataFrame(rows), bs=4, num_workers=0)
+    return picture_dataloaders(tmp_path, range(1, 17), size=size, bs=4, picture_size=(size, size))
 
 
 def _state_dict(arch: str = "resnet18") -> dict:
