@@ -35,10 +35,11 @@ def select_tags(
     probs: np.ndarray, vocab: list[str], *, threshold: float | np.ndarray, top_k: int
 ) -> list[tuple[str, float]]:
     """Tags with probability ≥ threshold (one for all tags, or one per tag), most probable first,
-    at most ``top_k``."""
+    at most ``top_k``: the cap applies to the tags that pass, so a probable tag below its own
+    threshold does not push out a less probable one above its own."""
     cut = np.broadcast_to(np.asarray(threshold, dtype=float), probs.shape)
-    order = np.argsort(-probs, kind="stable")[:top_k]
-    return [(vocab[i], float(probs[i])) for i in order if probs[i] >= cut[i]]
+    order = np.argsort(-probs, kind="stable")
+    return [(vocab[i], float(probs[i])) for i in order if probs[i] >= cut[i]][:top_k]
 
 
 def _upsert(session: Session):

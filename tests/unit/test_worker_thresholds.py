@@ -22,7 +22,8 @@ def test_select_tags_with_a_threshold_per_tag():
     assert [t for t, _ in select_tags(probs, VOCAB, threshold=0.2, top_k=10)] == ["cat", "dog"]
     per_tag = np.array([0.6, 0.25, 0.05])
     assert [t for t, _ in select_tags(probs, VOCAB, threshold=per_tag, top_k=10)] == ["dog", "sky"]
-    assert [t for t, _ in select_tags(probs, VOCAB, threshold=per_tag, top_k=1)] == []  # top-k first, as before
+    # The cap counts passing tags: cat (0.5) is below its 0.6, so dog is the one kept.
+    assert [t for t, _ in select_tags(probs, VOCAB, threshold=per_tag, top_k=1)] == ["dog"]
 
 
 @pytest.fixture
