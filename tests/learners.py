@@ -20,3 +20,26 @@ def train_tiny_learner(
     learn.path = workdir
     learn.export("export.pkl")
     return workdir / "export.pkl"
+
+
+def seed_website(settings, n: int, *, size: tuple[int, int] = (64, 64)) -> None:
+    """The website's state a retrain reads: the schema, ``n`` generated pictures in the image
+    store, their tags in ``image_tags``."""
+    import sqlalchemy as sa
+
+    from demo.synthetic import make_pictures
+    from shared.db import image_tags, transaction
+    from shared.migrate import upgrade
+    from shared.runtime import Runtime
+
+    upgrade(settings.database_url)
+    rt = Runtime(settings)
+    try:
+        rows = []
+        for pic in make_pictures(range(1, n + 1), size=size):
+            rt.images.put(pic.image_id, pic.jpeg())
+            rows += [{"image_id": pic.image_id, "tag": t} for t in pic.tags]
+        with transaction(rt.sessions) as session:
+            session.execute(sa.insert(image_tags), rows)
+    finally:
+        rt.close()

@@ -166,12 +166,13 @@ def test_rollback_enqueues_a_retag_for_the_training_worker(site, tmp_path, pg_ur
 
 @pytest.mark.timeout(600)
 def test_a_promotion_by_the_gate_enqueues_a_retag(make_settings, pg_url, redis_url):
-    from tests.integration.test_retrain import SMALL_RUN, seed_website
+    from tests.integration.test_retrain import N_IMAGES, SMALL_RUN
+    from tests.learners import seed_website
     from training.service import retrain
 
     settings = make_settings(database_url=pg_url, broker_url=redis_url, retag_on_promote=True,
                              backfill_query="SELECT DISTINCT image_id FROM image_tags", **SMALL_RUN)
-    seed_website(settings)
+    seed_website(settings, N_IMAGES)
     record = retrain(settings)
     assert record.status == "champion"
     client = redis.Redis.from_url(redis_url)

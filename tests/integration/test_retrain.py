@@ -22,10 +22,10 @@ from demo.synthetic import VOCAB, make_pictures
 from shared import registry
 from shared.config import get_settings
 from shared.constants import RETRAIN_LOCK_KEY, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
-from shared.db import image_tags, model_versions, transaction
-from shared.migrate import upgrade
+from shared.db import model_versions, transaction
 from shared.registry import sha256_file
 from shared.runtime import Runtime
+from tests.learners import seed_website
 
 pytestmark = pytest.mark.integration
 
@@ -37,21 +37,6 @@ SMALL_RUN = {  # a CI-sized run: resnet18 from scratch at 64 px, one epoch per p
 REPORT_FILES = ["index.html", "metrics.png", "lr_find.png", "losses.png", "per_tag.png", "pr_curves.png", "history.json"]
 WORKER_WAIT_S = 240
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def seed_website(settings, n: int = N_IMAGES) -> None:
-    """The website's state: the schema, the pictures in the image store, their tags in image_tags."""
-    upgrade(settings.database_url)
-    rt = Runtime(settings)
-    try:
-        rows = []
-        for pic in make_pictures(range(1, n + 1), size=(64, 64)):
-            rt.images.put(pic.image_id, pic.jpeg())
-            rows += [{"image_id": pic.image_id, "tag": t} for t in pic.tags]
-        with transaction(rt.sessions) as session:
-            session.execute(sa.insert(image_tags), rows)
-    finally:
-        rt.close()
 
 
 def env_for(settings) -> dict[str, str]:
@@ -175,7 +160,7 @@ def test_retrain_queue_gate_promote_rollback(make_settings, pg_url, redis_url, c
     import redis
 
     settings = make_settings(database_url=pg_url, broker_url=redis_url, **SMALL_RUN)
-    seed_website(settings)
+    seed_website(settings, N_IMAGES)
 
     # 1. `stilltag train --now`: the first model becomes champion.
     result = cli(settings, "train", "--now")
@@ -253,7 +238,7 @@ def test_retrain_queue_gate_promote_rollback(make_settings, pg_url, redis_url, c
 def test_retrain_with_no_server(make_settings, cli):
     """The embedded default: SQLite, local folders, the file-system broker and a file lock."""
     settings = make_settings(**{**SMALL_RUN, "train_epochs_frozen": 0})
-    seed_website(settings)
+    seed_website(settings, N_IMAGES)
     result = cli(settings, "train", "--now", "--epochs-frozen", "0")
     assert result.exit_code == 0, result.output
     v1 = record(settings, "v1")

@@ -23,7 +23,8 @@ from shared.db import retrain_runs
 from shared.errors import SettingsError
 from shared.messages import check_envelope, decode_body
 from shared.runtime import Runtime
-from tests.integration.test_retrain import SMALL_RUN, seed_website, stop
+from tests.integration.test_retrain import SMALL_RUN, stop
+from tests.learners import seed_website
 from tests.unit.test_readme import code_blocks, section
 from training import runs
 from training.dataset import DatasetError

@@ -9,12 +9,9 @@ import sys
 import time
 
 import pytest
-import sqlalchemy as sa
 
-from demo.synthetic import make_pictures, picture_dataloaders
-from shared.db import image_tags, transaction
-from shared.migrate import upgrade
-from shared.runtime import Runtime
+from demo.synthetic import picture_dataloaders
+from tests.learners import seed_website
 from training.recipe import WeightsUnavailable, build_learner
 
 MARK = 0.125  # every conv1 weight in the test's state dict: no initialisation produces it
@@ -109,20 +106,6 @@ def test_no_imagenet_weights_offline_is_one_line_with_the_ways_out(tmp_path, mak
     assert "\n" not in message and info.value.__cause__ is None and info.value.__suppress_context__
 
 
-def _seed_website(settings, n: int = 40) -> None:
-    upgrade(settings.database_url)
-    rt = Runtime(settings)
-    try:
-        rows = []
-        for pic in make_pictures(range(1, n + 1), size=(32, 32)):
-            rt.images.put(pic.image_id, pic.jpeg())
-            rows += [{"image_id": pic.image_id, "tag": t} for t in pic.tags]
-        with transaction(rt.sessions) as session:
-            session.execute(sa.insert(image_tags), rows)
-    finally:
-        rt.close()
-
-
 @offline_only
 @pytest.mark.timeout(300)
 def test_train_now_offline_prints_the_line_and_the_task_returns_it(make_settings, empty_torch_home, caplog, capsys,
@@ -135,7 +118,7 @@ def test_train_now_offline_prints_the_line_and_the_task_returns_it(make_settings
 
     settings = make_settings(train_arch="resnet18", train_image_size=32, train_batch_size=8, holdout_pct=20,
                              train_min_tag_images=2, device="cpu")
-    _seed_website(settings)
+    seed_website(settings, 40, size=(32, 32))
     for name, value in {"STILLTAG_DATA_DIR": str(settings.data_dir), "STILLTAG_TRAIN_ARCH": "resnet18",
                         "STILLTAG_TRAIN_IMAGE_SIZE": "32", "STILLTAG_HOLDOUT_PCT": "20",
                         "STILLTAG_TRAIN_MIN_TAG_IMAGES": "2", "STILLTAG_DEVICE": "cpu"}.items():
