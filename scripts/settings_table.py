@@ -32,6 +32,7 @@ EXAMPLES: dict[str, str] = {
     "events_url": "redis://:secret@redis:6379/1",
     "max_batch": "128",
     "max_wait_ms": "20",
+    "upload_fill": "16",
     "threshold": "0.3",
     "thresholds": "per_tag",
     "top_k": "5",

@@ -81,14 +81,17 @@ class Pending:
     The inference thread takes a batch when it is free (``take``), so nothing closed early waits
     in a hand-off: a batch is whatever is best to run at that moment. ``take`` fills it from the
     lanes in priority order (``tagging`` before ``backfill``), so an upload rides in the very next
-    forward pass, ahead of any backfill the worker holds. A message held for ``starve_s`` goes
-    first whatever its lane, so a flood of uploads cannot keep backfill in hand until the
-    visibility timeout hands it to another worker.
+    forward pass, ahead of any backfill the worker holds. A batch that carries a message of the
+    first lane (an upload) is topped up from the other lanes only to ``fill`` images: on a CPU
+    every image adds to the forward pass that the upload waits for. A message held for
+    ``starve_s`` goes first whatever its lane, so a flood of uploads cannot keep backfill in hand
+    until the visibility timeout hands it to another worker.
     """
 
-    def __init__(self, queues: tuple[str, ...], *, starve_s: float):
+    def __init__(self, queues: tuple[str, ...], *, starve_s: float, fill: int | None = None):
         self.lanes: dict[str, deque[Held]] = {q: deque() for q in queues}
         self.starve_s = starve_s
+        self.fill = fill  # None: batches carrying uploads are filled to max_batch like any other
 
     def __len__(self) -> int:
         return sum(len(lane) for lane in self.lanes.values())
@@ -112,8 +115,12 @@ class Pending:
         for lane in self.lanes.values():  # starving messages first, whatever their queue
             while lane and len(batch.items) < max_batch and now - lane[0].arrived_at >= self.starve_s:
                 batch.items.append(lane.popleft())
-        for lane in self.lanes.values():  # then by queue priority, oldest first within a queue
-            while lane and len(batch.items) < max_batch:
+        first = next(iter(self.lanes), None)
+        for name, lane in self.lanes.items():  # then by queue priority, oldest first within a queue
+            size = max_batch
+            if name != first and self.fill is not None and any(h.queue == first for h in batch.items):
+                size = max(len(batch.items), min(max_batch, self.fill))  # an upload's batch: topped up only to fill
+            while lane and len(batch.items) < size:
                 batch.items.append(lane.popleft())
         return batch
 
@@ -134,6 +141,20 @@ class Pending:
         for lane in self.lanes.values():
             lane.clear()
         return items
+
+
+def upload_fill(settings, *, gpu: bool) -> int:
+    """``STILLTAG_UPLOAD_FILL``: how far a batch carrying uploads is topped up with backfill.
+
+    0 (the default) picks by device. On a GPU a forward pass at max_batch takes about as long as
+    a small one, so backfill fills the batch. On a CPU the forward pass grows with every image: an
+    upload's batch holds at most a quarter of max_batch, so an upload behind backfill waits for
+    the batch in the forward pass and a short one of its own, and backfill loses only a batch's
+    fixed cost per upload batch.
+    """
+    if settings.upload_fill:
+        return min(settings.upload_fill, settings.max_batch)
+    return settings.max_batch if gpu else max(1, settings.max_batch // 4)
 
 
 class BrokerLost(ConnectionError):
@@ -161,7 +182,8 @@ class BatchConsumer:
         # Per queue, at most this many messages in hand (pending, in the forward pass or not yet
         # acknowledged): enough for the forward pass, the next batch decoding, and one gathering.
         self.window = self.settings.max_batch * BATCHES_IN_FLIGHT
-        self.pending = Pending(queues, starve_s=self.settings.visibility_timeout_s / 2)
+        self.pending = Pending(queues, starve_s=self.settings.visibility_timeout_s / 2,
+                               fill=upload_fill(self.settings, gpu=str(tagger.device).startswith("cuda")))
         self._cond = threading.Condition()  # guards pending and _closing; wakes the inference thread
         self._closing = False
         self._ahead: Batch | None = None  # GPU: the next batch, taken and staged during a forward pass

@@ -118,6 +118,11 @@ def _committed_at(engine, image_id: int) -> dt.datetime | None:
         return c.execute(sa.select(tagging_status.c.updated_at).where(tagging_status.c.image_id == image_id)).scalar()
 
 
+def _batch_size(engine, stamp: dt.datetime) -> int:
+    with engine.connect() as c:
+        return c.execute(sa.select(sa.func.count()).where(tagging_status.c.updated_at == stamp)).scalar_one()
+
+
 def test_an_upload_waits_for_the_batch_in_the_forward_pass_and_its_own(running):
     """Uploads first, strictly: behind 10,000 backfill messages (more than the worker may hold),
     an upload rides in the first batch that starts after it arrives."""
@@ -127,12 +132,13 @@ def test_an_upload_waits_for_the_batch_in_the_forward_pass_and_its_own(running):
     for i in [*backlog, *uploads]:
         running.put_image(i, picture)
     max_batch, max_wait_ms = 8, 50  # the module's worker
+    fill = max_batch // 4  # an upload's batch on a CPU (STILLTAG_UPLOAD_FILL=0)
     window = 3 * max_batch  # BATCHES_IN_FLIGHT batches per queue
     began = dt.datetime.now(dt.UTC)
     running.push("backfill", backlog)
     poll_until(lambda: len(_batches(running.engine(), began)) >= 5, 120, "the worker tags the backlog")
 
-    waits, cycles = [], []
+    waits, cycles, sizes = [], [], []
     for upload in uploads:
         before = _batches(running.engine(), began)
         sent_at = dt.datetime.now(dt.UTC)
@@ -145,6 +151,8 @@ def test_an_upload_waits_for_the_batch_in_the_forward_pass_and_its_own(running):
         # The batch in the forward pass when the upload arrived (if it committed after), then the
         # upload's own: never a backfill batch that the worker had gathered before it.
         assert len(ran) <= 2, f"upload {upload} waited for {len(ran) - 1} batches"
+        sizes.append(_batch_size(running.engine(), committed))
+        assert sizes[-1] <= fill, f"upload {upload} rode in a batch of {sizes[-1]} (topped up beyond {fill})"
         stamps = [*before[-20:], *ran]
         cycles.append(max((b - a).total_seconds() * 1000 for a, b in itertools.pairwise(stamps)))
         assert running.redis.llen("backfill") > 0, "the backlog must still be there behind the upload"
@@ -155,7 +163,7 @@ def test_an_upload_waits_for_the_batch_in_the_forward_pass_and_its_own(running):
     # seen around the upload) + 100 ms.
     target = [max_wait_ms + 2 * c + 100 for c in cycles]
     print(f"uploads behind a backlog of {len(backlog)}: waited {[round(w) for w in waits]} ms, "
-          f"targets {[round(t) for t in target]} ms; the worker held {held} messages (window {2 * window})")
+          f"targets {[round(t) for t in target]} ms in batches of {sizes}; the worker held {held} messages (window {2 * window})")
     assert all(w <= t for w, t in zip(waits, target, strict=True)), (waits, target)
     assert held <= 2 * window + 1
 

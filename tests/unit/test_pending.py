@@ -52,3 +52,31 @@ def test_a_batch_taken_ahead_goes_back_when_an_upload_outranks_it():
     p.put_back(ahead)
     assert p.take(4, now=2.0).messages == ["tagging-0", "backfill-0", "backfill-1", "backfill-2"]
     assert [h.message for h in p.drain()] == ["backfill-3", "backfill-4", "backfill-5"]
+
+
+def test_a_batch_carrying_uploads_is_topped_up_with_backfill_only_to_fill():
+    p = Pending(("tagging", "backfill"), starve_s=60, fill=4)
+    fill(p, "backfill", range(20), at=0.0)
+    fill(p, "tagging", range(2), at=1.0)
+    assert p.take(8, now=2.0).messages == ["tagging-0", "tagging-1", "backfill-0", "backfill-1"]
+    # With no upload in hand, backfill fills the whole batch.
+    assert p.take(8, now=2.0).messages == [f"backfill-{n}" for n in range(2, 10)]
+    # More uploads than fill: all of them ride (up to max_batch), with no backfill.
+    fill(p, "tagging", range(2, 8), at=3.0)
+    assert p.take(8, now=4.0).messages == [f"tagging-{n}" for n in range(2, 8)]
+    # Backfill held too long still goes first, and counts towards the fill.
+    p = Pending(("tagging", "backfill"), starve_s=60, fill=4)
+    fill(p, "backfill", range(3), at=0.0)
+    fill(p, "backfill", range(3, 10), at=50.0)
+    fill(p, "tagging", range(1), at=61.0)
+    assert p.take(8, now=61.0).messages == ["backfill-0", "backfill-1", "backfill-2", "tagging-0"]
+
+def test_upload_fill_by_device():
+    from shared.config import Settings
+    from worker.consumer import upload_fill
+
+    assert upload_fill(Settings(max_batch=64), gpu=False) == 16
+    assert upload_fill(Settings(max_batch=64), gpu=True) == 64
+    assert upload_fill(Settings(max_batch=2), gpu=False) == 1
+    assert upload_fill(Settings(max_batch=64, upload_fill=32), gpu=False) == 32
+    assert upload_fill(Settings(max_batch=64, upload_fill=500), gpu=True) == 64
