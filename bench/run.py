@@ -295,10 +295,12 @@ def _variant_phase(stack, client, events, image_ids: list[int]) -> Callable[[], 
     return lambda: throughput(stack, lambda queue, i: push(client, queue, i), events, image_ids)
 
 
-def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]],
-                       phases: dict[str, Callable[[], float]]) -> tuple[dict[str, list[float]], dict[str, float]]:
+def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dict[str, Callable[[], float]],
+                       profile_dir: Path | None = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """The rounds (``phases`` and throughput through Redis → worker process → database), then the
-    two latency measures."""
+    two latency measures. With ``profile_dir``, the worker is profiled over the end-to-end phases
+    (bench/profile.py)."""
+    from bench.profile import Profile
     from bench.traffic import Events
 
     worker = stack.worker().wait_ready()
@@ -307,9 +309,18 @@ def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]],
         stack.push("tagging", ids["warmup"])  # first batches pay for lazy initialisation
         events.wait(ids["warmup"], EVENT_TIMEOUT_S)
 
-        samples = run_rounds(plan, {**phases, "end_to_end_img_s": lambda: throughput(
-            stack, stack.push, events, ids["throughput"])})
-        out: dict[str, float] = {}
+        def end_to_end() -> float:
+            return throughput(stack, stack.push, events, ids["throughput"])
+
+        out: dict[str, Any] = {}
+        if profile_dir is None:
+            samples = run_rounds(plan, {**phases, "end_to_end_img_s": end_to_end})
+        else:
+            profile = Profile(worker.proc.pid, profile_dir).start()
+            try:
+                samples = run_rounds(plan, {**phases, "end_to_end_img_s": profile.timed(end_to_end)})
+            finally:
+                out["profile"] = profile.stop()
 
         sent: dict[int, float] = {}
         start = time.perf_counter()
@@ -417,6 +428,10 @@ def report(plan: Plan, result: dict) -> None:
         checks.add_row(name, f"{value:.2f}", f"≤ {target:.0f}" if name.endswith(" ms") else f"≥ {target:.2f}",
                        "yes" if _met(name, value, target) else "no")
     Console().print(checks)
+    if "profile" in result:
+        from bench.profile import render
+
+        print(render(result["profile"]))
 
 
 def _met(name: str, value: float, target: float) -> bool:
@@ -444,7 +459,7 @@ def summarise(result: dict, samples: dict[str, list[float]]) -> None:
         result[f"{key}_rounds"] = [float(v) for v in values]
 
 
-def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
+def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir: Path | None = None) -> dict:
     from bench.stack import claimed_stack
     from bench.traffic import movie_jpegs
 
@@ -493,7 +508,7 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "") -> dict:
         limit = Limit(plan, learn)
         phases["limit_img_s"] = limit.img_s
         phases.update(start_variants(plan, stack, claims, redis_url, ids))
-        samples, latencies = measure_end_to_end(plan, stack, ids, phases)
+        samples, latencies = measure_end_to_end(plan, stack, ids, phases, profile_dir)
         result["single_forward_ms"] = limit.single_ms()
         limit.release()
         del learn
@@ -542,6 +557,8 @@ def bench(
     = "redis://127.0.0.1:6379",
     postgres: Annotated[str, typer.Option(help="PostgreSQL admin URL to create a throw-away database on; "
                                                "empty: SQLite in a temporary folder.")] = "",
+    profile: Annotated[Path | None, typer.Option(help="Profile the worker over the end-to-end rounds (py-spy and "
+                                                      "per-thread CPU) into this folder.")] = None,
 ) -> None:
     """Measure the tagging worker: per-image predict, fastai batched, the model's limit, end to end, latency."""
     if rounds < MIN_ROUNDS:
@@ -559,7 +576,7 @@ def bench(
                      variants=tuple(parse_variant(v) for v in variant))
     if not parity:
         plan = replace(plan, parity_images=0)
-    result = run_bench(plan, redis_url=redis.rstrip("/"), pg_admin_url=postgres)
+    result = run_bench(plan, redis_url=redis.rstrip("/"), pg_admin_url=postgres, profile_dir=profile)
     report(plan, result)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")

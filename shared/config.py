@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     )
     upload_fill: int = Field(
         default=0, ge=0, le=4096,
-        description="A batch carrying uploads is topped up with backfill to this many images; 0 = max_batch on a GPU, max_batch/4 on a CPU.",
+        description="A batch carrying uploads is topped up with backfill to this many images; "
+                    "0 = max_batch on a GPU, max_batch/4 on a CPU.",
     )
     threshold: float = Field(default=0.2, gt=0.0, lt=1.0, description="Keep tags at or above this probability.")
     thresholds: Literal["global", "per_tag"] = Field(

@@ -23,7 +23,7 @@ def test_quick_bench_writes_every_measure(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     done = stilltag(env, "bench", "--quick", "--device", "cpu", "--redis", REDIS_HOST_URL, "--json", str(out),
-                    check=False, timeout_s=840)
+                    "--profile", str(tmp_path / "profile"), check=False, timeout_s=840)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     result = json.loads(out.read_text())
     assert result["arch"] == "resnet18"
@@ -67,3 +67,15 @@ def test_quick_bench_writes_every_measure(tmp_path):
         assert (result["parity_max_diff"], result["parity_p99_diff"], result["parity_flip_share"]) == (0, 0, 0)
     else:
         assert result["parity_max_diff"] == result["parity"][result["precision"]]["max_diff"]
+
+    # The worker's profile over the end-to-end rounds: CPU per thread from /proc, stages from py-spy.
+    profile = result["profile"]
+    assert profile == json.loads((tmp_path / "profile" / "profile.json").read_text())
+    assert profile["wall_s"] > 0 and profile["cores"] == os.cpu_count()
+    threads = profile["cpu_s_by_thread"]
+    assert threads["inference"] > 0 and threads["prepare (fetch + decode pool)"] > 0, threads
+    stages = profile["stages"]
+    assert stages["inference: forward pass"]["running_s"] > 0, stages
+    assert stages["prepare (fetch + decode pool): decode (PIL)"]["running_s"] > 0, stages
+    assert any(s["gil_s"] > 0 for s in stages.values()), stages  # the --gil recording has samples too
+    assert "CPU seconds by thread" in done.stdout
