@@ -9,7 +9,8 @@ Measured in one process tree on one machine with one exported learner (README, "
 * end to end — messages LPUSHed to Redis, a real ``stilltag worker`` process, timed until every
   image's ``stilltag:tagged`` event (sent after commit) has arrived;
 * latency — enqueue → commit for a trickle of uploads, and for one upload behind a burst of backfill;
-* parity — each reduced precision (bf16, fp16) against fp32, on a learner trained for a moment.
+* parity — each reduced precision (bf16, fp16), and the compiled model when ``--compile`` is on,
+  against fp32, on a learner trained for a moment.
 
 The rates are measured in rounds, their order rotating from round to round, so that other load on
 the machine falls on every phase alike; each is reported as the median and the min–max of its rounds,
@@ -179,7 +180,16 @@ def measure_parity(plan: Plan, learn, jpegs: list[bytes]) -> dict[str, dict[str,
     for precision in REDUCED_PRECISIONS:
         model = TaggingModel(learn, version=precision, device=plan.device, precision=precision)
         out[precision] = _parity(base, probs(model))
+    if plan.compile_mode != "off":  # the run's own mode: compiled, at its precision
+        compiled = TaggingModel(learn, version="compiled", device=plan.device, precision=plan.precision,
+                                compile_mode=plan.compile_mode, compile_batch=plan.max_batch)
+        compiled.compiled.wait()
+        out[compiled_key(plan)] = _parity(base, probs(compiled))
     return out
+
+
+def compiled_key(plan: Plan) -> str:
+    return f"{plan.precision}+compile"
 
 
 def _parity(base: np.ndarray, other: np.ndarray) -> dict[str, float]:
@@ -497,7 +507,8 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
         if plan.parity_images:
             parity = measure_parity(plan, learn, movie_jpegs(plan.parity_images, seed=1,
                                                              distinct_per_size=-(-plan.parity_images // 4)))
-            chosen: dict[str, Any] = parity.get(plan.precision, {"max_diff": 0.0, "p99_diff": 0.0, "flip_share": 0.0})
+            own = compiled_key(plan) if plan.compile_mode != "off" else plan.precision
+            chosen: dict[str, Any] = parity.get(own, {"max_diff": 0.0, "p99_diff": 0.0, "flip_share": 0.0})
         else:  # --no-parity: an untrained learner, no parity figures (profiling runs)
             parity, chosen = {}, dict.fromkeys(("max_diff", "p99_diff", "flip_share"))
         result["parity"] = parity

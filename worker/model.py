@@ -134,6 +134,7 @@ class TaggingModel:
         # pass of the one before it (worker/service.py stages a batch as soon as it is decoded).
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.runner = self.model  # the compiled model replaces it once compiled and warmed up
+        self.compile_batch = compile_batch or 1  # the one batch size the compiled model runs
         self.compiled = threading.Event()
         self.compile_mode = compile_mode
         if compile_mode == "off":
@@ -152,7 +153,8 @@ class TaggingModel:
 
         t0 = time.perf_counter()
         try:
-            compiled = torch.compile(self.model, mode=None if self.compile_mode == "default" else self.compile_mode)
+            compiled = torch.compile(self.model, mode=None if self.compile_mode == "default" else self.compile_mode,
+                                     dynamic=False)
             x = torch.zeros(batch, 3, self.prep.height, self.prep.width, device=self.device)
             for _ in range(2):  # reduce-overhead records its CUDA graph on a later call
                 self._run(compiled, x.contiguous(memory_format=torch.channels_last))
@@ -247,10 +249,15 @@ class TaggingModel:
             return self.activation(logits.float())
 
     def forward(self, x):
-        """The model on a prepared input (a tensor or a ``Staged``): probabilities as a float tensor."""
+        """The model on a prepared input (a tensor or a ``Staged``): probabilities as a float tensor.
+
+        The compiled model runs full batches only (``compile_batch``, the size it was compiled and
+        warmed up at); any other size runs eagerly. torch.compile specialises on the batch size, and
+        a new one recompiles in the forward pass: 10–50 s on a 2-core CPU, which an upload in a
+        small batch would wait for."""
         if isinstance(x, Staged):
             x = self._wait(x)
-        return self._run(self.runner, x)
+        return self._run(self.runner if x.shape[0] == self.compile_batch else self.model, x)
 
     def predict(self, pixels: np.ndarray | Staged) -> np.ndarray:
         """Probabilities, one row per image, one column per tag of ``vocab``."""
