@@ -71,3 +71,26 @@ def test_debug_shows_the_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback (most recent call last):" in result.stderr
     assert result.stderr.splitlines()[-1].startswith("error: invalid setting: STILLTAG_MAX_BATCH='abc'")
+
+
+@pytest.mark.parametrize("delay_s", [0.2, 0.7, 1.5, 3.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path, delay_s):
+    """Ctrl-C while the command line is still loading (imports take about a second), while it reads
+    the IDs, or once it runs: never a traceback."""
+    import shutil
+    import signal
+    import time
+
+    exe = shutil.which("stilltag")
+    assert exe, "the stilltag console script is on PATH (uv run)"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env[ENV_PREFIX + "DATA_DIR"] = str(tmp_path / "data")
+    env[ENV_PREFIX + "BROKER_URL"] = f"redis://127.0.0.1:{CLOSED_PORT}/0"
+    proc = subprocess.Popen([exe, "backfill", "--ids", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "Traceback" not in err + out, err
+    assert len(err.splitlines()) <= 1, err
