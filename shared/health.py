@@ -114,10 +114,16 @@ def database_check(engine) -> Check:
     return check
 
 
-class QueueLengthCollector:
-    """``stilltag_queue_length{queue}``: LLEN of each queue and the number of unacknowledged
-    messages, read from Redis at scrape time. Prefetched messages are out of the lists (they are
-    in ``unacked``), which is why both are reported."""
+class QueueCollector:
+    """The broker's figures, read from Redis at scrape time in one pipeline (one round trip):
+
+    * ``stilltag_queue_length{queue}``: LLEN of each queue and the number of unacknowledged
+      messages. Prefetched messages are out of the lists (they are in ``unacked``), which is why
+      both are reported;
+    * ``stilltag_backfill_enqueued_total`` and ``stilltag_backfill_pending``: a backfill is a process
+      of its own (``stilltag backfill``, or the training worker's re-tag), so it keeps its count in
+      Redis (``stilltag:backfill:enqueued``), and every worker serves it beside the queue lengths.
+    """
 
     QUEUES = (TAGGING_QUEUE, BACKFILL_QUEUE, TRAINING_QUEUE)
 
@@ -125,44 +131,26 @@ class QueueLengthCollector:
         self.client = client
 
     def collect(self):
-        family = GaugeMetricFamily("stilltag_queue_length", "Messages waiting in each queue, and unacknowledged.",
-                                   labels=["queue"])
         try:
             pipe = self.client.pipeline(transaction=False)
             for name in self.QUEUES:
                 pipe.llen(name)
             pipe.hlen("unacked")
-            counts = pipe.execute()
+            pipe.get(BACKFILL_ENQUEUED_KEY)
+            *counts, enqueued = pipe.execute()
         except Exception as exc:  # Redis down: no sample rather than a wrong one
             log.debug("queue lengths unavailable: %s", exc)
             return
-        for name, count in zip((*self.QUEUES, "unacked"), counts, strict=True):
+        lengths = dict(zip((*self.QUEUES, "unacked"), counts, strict=True))
+        family = GaugeMetricFamily("stilltag_queue_length", "Messages waiting in each queue, and unacknowledged.",
+                                   labels=["queue"])
+        for name, count in lengths.items():
             family.add_metric([name], count)
         yield family
-
-
-class BackfillCollector:
-    """``stilltag_backfill_enqueued_total`` and ``stilltag_backfill_pending``, read from Redis at
-    scrape time: a backfill is a process of its own (``stilltag backfill``, or the training
-    worker's re-tag), so it keeps its count in Redis (``stilltag:backfill:enqueued``), and every
-    worker serves it beside the queue lengths."""
-
-    def __init__(self, client):
-        self.client = client
-
-    def collect(self):
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.get(BACKFILL_ENQUEUED_KEY)
-            pipe.llen(BACKFILL_QUEUE)
-            enqueued, pending = pipe.execute()
-        except Exception as exc:  # Redis down: no sample rather than a wrong one
-            log.debug("backfill counts unavailable: %s", exc)
-            return
         yield CounterMetricFamily("stilltag_backfill_enqueued", "Messages every backfill has sent to the backfill "
                                   "queue (kept in Redis, stilltag:backfill:enqueued).", value=int(enqueued or 0))
         yield GaugeMetricFamily("stilltag_backfill_pending", "Messages waiting in the backfill queue (LLEN); "
-                                "a backfill keeps it at or below its --max-pending.", value=pending)
+                                "a backfill keeps it at or below its --max-pending.", value=lengths[BACKFILL_QUEUE])
 
 
 def redis_client(url: str):
@@ -175,5 +163,4 @@ def redis_client(url: str):
 
 def register_queue_lengths(client) -> None:
     """Export ``stilltag_queue_length`` and the backfill metrics from this Redis client (the broker's)."""
-    REGISTRY.register(QueueLengthCollector(client))
-    REGISTRY.register(BackfillCollector(client))
+    REGISTRY.register(QueueCollector(client))

@@ -22,7 +22,7 @@ from shared.backfill import INTERRUPTED, IdSelection, QuerySelection
 from shared.config import ENV_PREFIX
 from shared.constants import BACKFILL_ENQUEUED_KEY, BACKFILL_QUEUE, RETAG_TASK, TAG_TASK, TRAINING_QUEUE
 from shared.db import make_engine, session_factory, tagging_status, transaction
-from shared.health import BackfillCollector
+from shared.health import QueueCollector
 from shared.messages import check_envelope
 from shared.migrate import upgrade
 from shared.stores import open_store
@@ -128,13 +128,14 @@ def test_no_champion_is_one_line(site, pg_url):
 def test_backfill_metrics_come_from_redis(site):
     _settings, _sessions, client = site
     registry_ = CollectorRegistry()
-    registry_.register(BackfillCollector(client))
+    registry_.register(QueueCollector(client))
     text = generate_latest(registry_).decode()
     assert "stilltag_backfill_enqueued_total 0.0" in text and "stilltag_backfill_pending 0.0" in text
     client.incrby(BACKFILL_ENQUEUED_KEY, 7)
     client.lpush(BACKFILL_QUEUE, "a", "b")
     text = generate_latest(registry_).decode()
     assert "stilltag_backfill_enqueued_total 7.0" in text and "stilltag_backfill_pending 2.0" in text
+    assert 'stilltag_queue_length{queue="backfill"} 2.0' in text  # the same LLEN, read once per scrape
 
 
 def test_rollback_enqueues_a_retag_for_the_training_worker(site, tmp_path, pg_url, redis_url):

@@ -99,9 +99,9 @@ def exported_families() -> list:
     import shared.broker  # noqa: F401  (stilltag_parked)
     import training.metrics  # noqa: F401
     import worker.metrics  # noqa: F401
-    from shared.health import BackfillCollector, QueueLengthCollector
+    from shared.health import QueueCollector
 
-    class FakeRedis:  # answers the collectors' pipelines: 0 for every command queued
+    class FakeRedis:  # answers the collector's pipeline: 0 for every command queued
         queued = 0
 
         def pipeline(self, transaction):
@@ -121,8 +121,7 @@ def exported_families() -> list:
             return [0] * self.queued
 
     extra = CollectorRegistry()
-    extra.register(QueueLengthCollector(FakeRedis()))
-    extra.register(BackfillCollector(FakeRedis()))
+    extra.register(QueueCollector(FakeRedis()))
     return [family for registry in (REGISTRY, extra) for family in registry.collect()]
 
 
