@@ -52,7 +52,7 @@ class TaggingService:
         # A batch may take as long as a message may wait unacknowledged, not longer.
         self.liveness = Liveness(self.consumer, max_batch_s=settings.visibility_timeout_s)
         self.server = bind(settings.metrics_port, live=self._live, ready=self._ready())
-        self.watchdog = Watchdog(self.liveness, queue_depth=queue_depth(self._redis, queues),
+        self.watchdog = Watchdog(self.liveness, queue_depth=queue_depth(self._redis, self.consumer.consuming),
                                  stall_exit_s=settings.stall_exit_s)
         self._thread = threading.Thread(target=self._run, name="batch-consumer", daemon=True)
 
@@ -114,7 +114,7 @@ class TaggingStep(bootsteps.StartStopStep):
     label = "stilltag tagging"
 
     def __init__(self, parent, stilltag_service: TaggingService | None = None, **kwargs):
-        self.service = stilltag_service
+        self.service = parent.stilltag_service = stilltag_service  # HoldTaskQueues finds it on the worker
         super().__init__(parent, **kwargs)
 
     def include_if(self, parent) -> bool:
@@ -126,13 +126,36 @@ class TaggingStep(bootsteps.StartStopStep):
 
 class HoldTaskQueues(bootsteps.StartStopStep):
     """Consumer blueprint step: Celery's task consumer keeps the tagging queues (so that Celery's
-    tools list them) but never consumes them; the batching consumer does."""
+    tools list them) but never consumes them; the batching consumer does.
+
+    Celery's remote control reaches the batching consumer through it: ``celery control
+    cancel_consumer backfill`` stops it taking from ``backfill`` (what it holds is still tagged),
+    ``add_consumer backfill`` starts it again, and ``inspect active_queues`` shows which it takes.
+    """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
     label = "stilltag hold task queues"
 
     def start(self, c) -> None:
-        c.task_consumer.consume = _consume_nothing
+        tasks = c.task_consumer
+        tasks.consume = _consume_nothing
+        service: TaggingService | None = getattr(c.controller, "stilltag_service", None)
+        if service is None:
+            return
+        cancel, add = tasks.cancel_by_queue, tasks.add_queue
+
+        def cancel_by_queue(queue: str) -> None:
+            if service.consumer.pause(queue):
+                cancel(queue)  # Celery's own bookkeeping: active_queues no longer lists it
+
+        def add_queue(queue):
+            name = getattr(queue, "name", queue)
+            if not service.consumer.resume(name):
+                raise ValueError(f"a tagging worker takes only the queues it was started with "
+                                 f"({', '.join(service.queues)}), not {name!r}")
+            return add(queue)
+
+        tasks.cancel_by_queue, tasks.add_queue = cancel_by_queue, add_queue
 
 
 def _consume_nothing(*_args, **_kwargs) -> None:

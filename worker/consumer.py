@@ -188,6 +188,7 @@ class BatchConsumer:
         self._closing = False
         self._ahead: Batch | None = None  # GPU: the next batch, taken and staged during a forward pass
         self._held_by_queue: dict[str, int] = dict.fromkeys(queues, 0)  # consumer thread only
+        self.paused: frozenset[str] = frozenset()  # queues an operator cancelled (celery control cancel_consumer)
         self.done: queue.Queue[tuple[Batch, Exception | None]] = queue.Queue()
         self._next_restore = 0.0
         self._channel = None  # the channel of the current connection
@@ -222,6 +223,31 @@ class BatchConsumer:
     def _progress(self) -> None:
         self.last_progress = time.monotonic()
         metrics.LAST_PROGRESS.set_to_current_time()
+
+    def pause(self, queue: str) -> bool:
+        """Stop taking from ``queue`` (remote control); what this worker holds is still tagged.
+        False when it is not one of this worker's queues."""
+        if queue not in self.queues:
+            return False
+        if self.settings.broker_scheme not in ("redis", "rediss"):
+            log.warning("cannot stop taking from %s: pausing a queue needs the Redis broker", queue)
+            return False
+        self.paused = self.paused | {queue}
+        log.info("no longer taking messages from %s (remote control)", queue)
+        return True
+
+    def resume(self, queue: str) -> bool:
+        if queue not in self.queues:
+            return False
+        if queue in self.paused:
+            self.paused = self.paused - {queue}
+            log.info("taking messages from %s again (remote control)", queue)
+        return True
+
+    def consuming(self) -> tuple[str, ...]:
+        """The queues this worker takes from now."""
+        paused = self.paused
+        return tuple(q for q in self.queues if q not in paused)
 
     def _full_queues(self) -> frozenset[str]:
         """Queues this worker holds a full window of: the next pop skips them, so a backlog of
@@ -296,7 +322,7 @@ class BatchConsumer:
                     if getattr(channel, "pop_overdue", None) and channel.pop_overdue(POP_REPLY_TIMEOUT_S):
                         raise BrokerLost(f"no reply from the broker for {POP_REPLY_TIMEOUT_S:.0f} s")
                     if hasattr(channel, "skip_queues"):
-                        channel.skip_queues = self._full_queues()
+                        channel.skip_queues = self._full_queues() | self.paused
                     try:
                         conn.drain_events(timeout=self._wait_s())
                     except TimeoutError:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from worker import metrics
 
@@ -113,15 +113,17 @@ class Watchdog:
         self._stop.set()
 
 
-def queue_depth(client, queues: tuple[str, ...]) -> Callable[[], int | None]:
-    """Messages waiting in ``queues`` (LLEN), or None when Redis cannot be asked."""
+def queue_depth(client, queues: Callable[[], Iterable[str]]) -> Callable[[], int | None]:
+    """Messages waiting in the queues the consumer takes from now (LLEN), or None when Redis cannot
+    be asked. A queue an operator cancelled (``celery control cancel_consumer``) does not count:
+    its messages wait by design, not because the worker is stuck."""
 
     def depth() -> int | None:
         if client is None:
             return None
         try:
             pipe = client.pipeline(transaction=False)
-            for name in queues:
+            for name in queues():
                 pipe.llen(name)
             return sum(pipe.execute())
         except Exception:

@@ -178,3 +178,42 @@ def test_probe_reports_nothing_listening():
     assert status == 0 and reason
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"http://127.0.0.1:{free_port()}/livez", timeout=1)
+
+
+class CountingRedis:
+    """Answers queue_depth's pipeline: each queue's length from ``lengths``."""
+
+    def __init__(self, lengths: dict[str, int]):
+        self.lengths, self.asked = lengths, []
+
+    def pipeline(self, transaction):
+        self.asked = []
+        return self
+
+    def llen(self, name):
+        self.asked.append(name)
+
+    def execute(self):
+        return [self.lengths[q] for q in self.asked]
+
+
+def test_a_queue_cancelled_by_remote_control_is_not_work_waiting(clock):
+    """``celery control cancel_consumer backfill``: backfill waits by design, and the watchdog must
+    not take the worker for stuck (nor restart it) while it does."""
+    from types import SimpleNamespace
+
+    from shared.config import Settings
+    from worker.consumer import BatchConsumer
+    from worker.health import queue_depth
+
+    tagger = SimpleNamespace(settings=Settings(broker_url="redis://127.0.0.1:6379/0"), device="cpu")
+    consumer = BatchConsumer(tagger, queues=("tagging", "backfill"))
+    depth = queue_depth(CountingRedis({"tagging": 0, "backfill": 500}), consumer.consuming)
+    assert depth() == 500
+    assert consumer.pause("backfill") and consumer.consuming() == ("tagging",)
+    assert depth() == 0
+    assert not consumer.pause("training")  # not one of its queues: Celery's bookkeeping is left alone
+    assert consumer.resume("backfill") and depth() == 500
+
+    embedded = BatchConsumer(SimpleNamespace(settings=Settings(broker_url="filesystem://"), device="cpu"))
+    assert not embedded.pause("backfill")  # only the Redis pop can skip a queue
