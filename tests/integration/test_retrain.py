@@ -129,7 +129,9 @@ def check_learner_loads(settings, version: str) -> None:
 def start_training_worker(settings, log_path: Path) -> subprocess.Popen:
     code = ("from shared.config import load_settings; from training.service import run_training_worker; "
             "raise SystemExit(run_training_worker(load_settings(), 'INFO'))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings)
+    # One torch thread, as the retrain-runs tests' workers: spinning OpenMP threads on a busy 2-core machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings) | {
+        "OMP_NUM_THREADS": "1"}
     with log_path.open("wb") as out:
         return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT)
 
