@@ -15,6 +15,20 @@ PG_ADMIN_URL = os.environ.get("STILLTAG_TEST_PG", "postgresql://postgres@127.0.0
 REDIS_HOST_URL = os.environ.get("STILLTAG_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The learners this process trains and runs are tiny, and it shares the machine's cores with the
+    workers and command lines the tests start: with a thread per core, torch's spinning OpenMP
+    threads wait on each other (a tiny training run took twice as long on a busy 2-core machine).
+    The processes the tests start keep their own settings."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _no_stilltag_env(monkeypatch):
     """Tests build their own settings; nothing from the caller's shell leaks in."""

@@ -30,8 +30,8 @@ from tests.learners import seed_website
 pytestmark = pytest.mark.integration
 
 N_IMAGES = 120
-SMALL_RUN = {  # a CI-sized run: resnet18 from scratch at 64 px, one epoch per phase
-    "train_arch": "resnet18", "train_pretrained": False, "train_image_size": 64, "train_batch_size": 16,
+SMALL_RUN = {  # a CI-sized run: resnet18 from scratch at 32 px, one epoch per phase
+    "train_arch": "resnet18", "train_pretrained": False, "train_image_size": 32, "train_batch_size": 16,
     "train_epochs_frozen": 1, "train_epochs_unfrozen": 1, "holdout_pct": 20, "train_min_tag_images": 3,
 }
 REPORT_FILES = ["index.html", "metrics.png", "lr_find.png", "losses.png", "per_tag.png", "pr_curves.png", "history.json"]
@@ -129,7 +129,9 @@ def check_learner_loads(settings, version: str) -> None:
 def start_training_worker(settings, log_path: Path) -> subprocess.Popen:
     code = ("from shared.config import load_settings; from training.service import run_training_worker; "
             "raise SystemExit(run_training_worker(load_settings(), 'INFO'))")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings)
+    # One torch thread, as the retrain-runs tests' workers: spinning OpenMP threads on a busy 2-core machine.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings) | {
+        "OMP_NUM_THREADS": "1"}
     with log_path.open("wb") as out:
         return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT)
 
