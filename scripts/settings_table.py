@@ -43,7 +43,7 @@ EXAMPLES: dict[str, str] = {
     "gpu_decode": "true",
     "fetch_concurrency": "32",
     "decode_workers": "8",
-    "decode_nice": "10",
+    "decode_nice": "0",
     "max_image_pixels": "50000000",
     "max_image_bytes": "32000000",
     "model_poll_s": "10",

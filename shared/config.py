@@ -98,7 +98,7 @@ class Settings(BaseSettings):
         default=0, ge=0, le=256, description="Images decoded at once (fetches wait apart); 0 = one per CPU core."
     )
     decode_nice: int = Field(
-        default=0, ge=0, le=19,
+        default=10, ge=0, le=19,
         description="Niceness of the fetch/decode threads (Linux): above 0 the forward pass gets the cores first.",
     )
     max_image_pixels: int = Field(

@@ -143,20 +143,6 @@ class Pending:
         return items
 
 
-def upload_fill(settings, *, gpu: bool) -> int:
-    """``STILLTAG_UPLOAD_FILL``: how far a batch carrying uploads is topped up with backfill.
-
-    0 (the default) picks by device. On a GPU a forward pass at max_batch takes about as long as
-    a small one, so backfill fills the batch. On a CPU the forward pass grows with every image: an
-    upload's batch holds at most a quarter of max_batch, so an upload behind backfill waits for
-    the batch in the forward pass and a short one of its own, and backfill loses only a batch's
-    fixed cost per upload batch.
-    """
-    if settings.upload_fill:
-        return min(settings.upload_fill, settings.max_batch)
-    return settings.max_batch if gpu else max(1, settings.max_batch // 4)
-
-
 class BrokerLost(ConnectionError):
     """An acknowledgement could not reach the broker: reconnect, and settle it on the new connection."""
 
@@ -183,7 +169,7 @@ class BatchConsumer:
         # acknowledged): enough for the forward pass, the next batch decoding, and one gathering.
         self.window = self.settings.max_batch * BATCHES_IN_FLIGHT
         self.pending = Pending(queues, starve_s=self.settings.visibility_timeout_s / 2,
-                               fill=upload_fill(self.settings, gpu=str(tagger.device).startswith("cuda")))
+                               fill=tagger.upload_fill)
         self._cond = threading.Condition()  # guards pending and _closing; wakes the inference thread
         self._closing = False
         self._ahead: Batch | None = None  # GPU: the next batch, taken and staged during a forward pass

@@ -112,7 +112,7 @@ class TaggingModel:
     """One loaded learner: call ``predict(pixels)`` with a ``(n, h, w, 3)`` uint8 array."""
 
     def __init__(self, learn, *, version: str, device: str, precision: str = "fp32", compile_mode: str = "off",
-                 compile_batch: int = 0):
+                 compile_batch: int | tuple[int, ...] = 0):
         import torch
 
         self.version = version
@@ -134,19 +134,21 @@ class TaggingModel:
         # pass of the one before it (worker/service.py stages a batch as soon as it is decoded).
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.runner = self.model  # the compiled model replaces it once compiled and warmed up
-        self.compile_batch = compile_batch or 1  # the one batch size the compiled model runs
+        # The batch sizes the compiled model runs (compiled and warmed up at each, in the background).
+        sizes = compile_batch if isinstance(compile_batch, tuple) else (compile_batch,)
+        self.compile_sizes = tuple(sorted({s for s in sizes if s > 0})) or (1,)
         self.compiled = threading.Event()
         self.compile_mode = compile_mode
         if compile_mode == "off":
             self.compiled.set()
         else:
-            threading.Thread(target=self._compile, args=(compile_batch or 1,), name="compile", daemon=True).start()
+            threading.Thread(target=self._compile, name="compile", daemon=True).start()
 
     @classmethod
     def load(cls, path: Path, *, version: str, device: str, **options) -> TaggingModel:
         return cls(_load(path, device), version=version, device=device, **options)
 
-    def _compile(self, batch: int) -> None:
+    def _compile(self) -> None:
         """torch.compile in a thread: the eager model serves until the compiled one has run once, so
         a slow (or failing) compilation never holds up readiness."""
         import torch
@@ -155,9 +157,10 @@ class TaggingModel:
         try:
             compiled = torch.compile(self.model, mode=None if self.compile_mode == "default" else self.compile_mode,
                                      dynamic=False)
-            x = torch.zeros(batch, 3, self.prep.height, self.prep.width, device=self.device)
-            for _ in range(2):  # reduce-overhead records its CUDA graph on a later call
-                self._run(compiled, x.contiguous(memory_format=torch.channels_last))
+            for batch in self.compile_sizes:
+                x = torch.zeros(batch, 3, self.prep.height, self.prep.width, device=self.device)
+                for _ in range(2):  # reduce-overhead records its CUDA graph on a later call
+                    self._run(compiled, x.contiguous(memory_format=torch.channels_last))
             self.runner = compiled
             log.info("model compiled (%s) in %.0f s", self.compile_mode, time.perf_counter() - t0)
         except Exception as exc:
@@ -251,13 +254,13 @@ class TaggingModel:
     def forward(self, x):
         """The model on a prepared input (a tensor or a ``Staged``): probabilities as a float tensor.
 
-        The compiled model runs full batches only (``compile_batch``, the size it was compiled and
-        warmed up at); any other size runs eagerly. torch.compile specialises on the batch size, and
-        a new one recompiles in the forward pass: 10–50 s on a 2-core CPU, which an upload in a
-        small batch would wait for."""
+        The compiled model runs only the batch sizes it was compiled and warmed up at
+        (``compile_batch``: a full batch, and an upload's batch); any other size runs eagerly.
+        torch.compile specialises on the batch size, and a new one recompiles in the forward pass:
+        10–50 s on a 2-core CPU, which an upload in a small batch would wait for."""
         if isinstance(x, Staged):
             x = self._wait(x)
-        return self._run(self.runner if x.shape[0] == self.compile_batch else self.model, x)
+        return self._run(self.runner if x.shape[0] in self.compile_sizes else self.model, x)
 
     def predict(self, pixels: np.ndarray | Staged) -> np.ndarray:
         """Probabilities, one row per image, one column per tag of ``vocab``."""

@@ -32,6 +32,20 @@ NO_CHAMPION_POLL_S = 2.0  # how often a worker with no model looks for one
 FAILED_MODEL_RETRY_S = 300.0  # a champion that failed to load (an S3 blip?) is tried again after this
 
 
+def upload_fill(settings: Settings, *, gpu: bool) -> int:
+    """``STILLTAG_UPLOAD_FILL``: how far a batch carrying uploads is topped up with backfill.
+
+    0 (the default) picks by device. On a GPU a forward pass at max_batch takes about as long as
+    a small one, so backfill fills the batch. On a CPU the forward pass grows with every image: an
+    upload's batch holds at most a quarter of max_batch, so an upload behind backfill waits for
+    the batch in the forward pass and a short one of its own, and backfill loses only a batch's
+    fixed cost per upload batch.
+    """
+    if settings.upload_fill:
+        return min(settings.upload_fill, settings.max_batch)
+    return settings.max_batch if gpu else max(1, settings.max_batch // 4)
+
+
 class NoChampion(RuntimeError):
     pass
 
@@ -81,6 +95,7 @@ class Tagger:
         # to overlap, and a second thread would only take cores from the forward pass: staged inline.
         self.stager = (ThreadPoolExecutor(1, thread_name_prefix="stage") if self.device.startswith("cuda")
                        else None)
+        self.upload_fill = upload_fill(settings, gpu=self.device.startswith("cuda"))
 
     # --- model ----------------------------------------------------------------------------
     def load_champion(self) -> TaggingModel:
@@ -93,7 +108,8 @@ class Tagger:
         t0 = time.perf_counter()
         model = TaggingModel.load(path, version=record.version, device=self.device,
                                   precision=self.settings.inference_precision,
-                                  compile_mode=self.settings.inference_compile, compile_batch=self.settings.max_batch)
+                                  compile_mode=self.settings.inference_compile,
+                                  compile_batch=(self.settings.max_batch, self.upload_fill))  # full, upload's
         log.info("loaded model %s (%s, %d tags) on %s at %s in %.1f s", record.version, model.arch, len(model.vocab),
                  self.device, model.precision, time.perf_counter() - t0)
         self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))

@@ -80,13 +80,13 @@ def test_failed_compile_leaves_the_eager_model_serving(tiny_learner, jpegs, monk
 
 
 def test_compiled_model_runs_full_batches_and_other_sizes_run_eagerly(tiny_learner, fp32, jpegs):
-    """torch.compile for real: a full batch goes through the compiled graph (no recompilation after
-    the warm-up), any other size through the eager model, so an upload in a small batch never waits
-    for a compilation; both within fp32's parity."""
+    """torch.compile for real: a full batch and an upload's batch go through the compiled graph (no
+    recompilation after the warm-up), any other size through the eager model, so a batch of an odd
+    size never waits for a compilation; all within fp32's parity."""
     from torch._dynamo.utils import counters
 
     model = TaggingModel.load(tiny_learner, version="v1", device="cpu", precision="fp32", compile_mode="default",
-                              compile_batch=4)
+                              compile_batch=(4, 2))  # a full batch and an upload's
     assert model.compiled.wait(timeout=600)
     assert model.runner is not model.model, "torch.compile failed here; the worker log says why"
     pixels = _pixels(model, jpegs)
@@ -94,10 +94,11 @@ def test_compiled_model_runs_full_batches_and_other_sizes_run_eagerly(tiny_learn
     calls = []
     handle = model.model.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
     try:
-        full, small = model.predict(pixels[:4]), model.predict(pixels[4:7])
+        full, upload, small = model.predict(pixels[:4]), model.predict(pixels[7:9]), model.predict(pixels[4:7])
     finally:
         handle.remove()
     assert counters["stats"]["unique_graphs"] == compiled_frames, "a batch recompiled the model"
-    assert calls == [3], "the small batch runs eagerly, the full one in the compiled graph"
+    assert calls == [3], "the odd-sized batch runs eagerly, the full and the upload's in the compiled graph"
     np.testing.assert_allclose(full, fp32.predict(pixels[:4]), atol=1e-4)
+    np.testing.assert_allclose(upload, fp32.predict(pixels[7:9]), atol=1e-4)
     np.testing.assert_allclose(small, fp32.predict(pixels[4:7]), atol=1e-6)

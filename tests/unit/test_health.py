@@ -206,7 +206,7 @@ def test_a_queue_cancelled_by_remote_control_is_not_work_waiting(clock):
     from worker.consumer import BatchConsumer
     from worker.health import queue_depth
 
-    tagger = SimpleNamespace(settings=Settings(broker_url="redis://127.0.0.1:6379/0"), device="cpu")
+    tagger = SimpleNamespace(settings=Settings(broker_url="redis://127.0.0.1:6379/0"), upload_fill=16)
     consumer = BatchConsumer(tagger, queues=("tagging", "backfill"))
     depth = queue_depth(CountingRedis({"tagging": 0, "backfill": 500}), consumer.consuming)
     assert depth() == 500
@@ -215,5 +215,5 @@ def test_a_queue_cancelled_by_remote_control_is_not_work_waiting(clock):
     assert not consumer.pause("training")  # not one of its queues: Celery's bookkeeping is left alone
     assert consumer.resume("backfill") and depth() == 500
 
-    embedded = BatchConsumer(SimpleNamespace(settings=Settings(broker_url="filesystem://"), device="cpu"))
+    embedded = BatchConsumer(SimpleNamespace(settings=Settings(broker_url="filesystem://"), upload_fill=16))
     assert not embedded.pause("backfill")  # only the Redis pop can skip a queue

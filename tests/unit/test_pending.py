@@ -73,7 +73,7 @@ def test_a_batch_carrying_uploads_is_topped_up_with_backfill_only_to_fill():
 
 def test_upload_fill_by_device():
     from shared.config import Settings
-    from worker.consumer import upload_fill
+    from worker.service import upload_fill
 
     assert upload_fill(Settings(max_batch=64), gpu=False) == 16
     assert upload_fill(Settings(max_batch=64), gpu=True) == 64
