@@ -5,9 +5,11 @@ Two views of one worker process over the end-to-end rounds:
 * **per thread, exact** — each thread's CPU seconds from ``/proc/PID/task/TID/stat``, summed over
   the end-to-end phases. torch's OpenMP threads are native threads that py-spy cannot see; here they are
   counted, as ``torch intra-op (native)``;
-* **per stage, sampled** — py-spy samples (100 Hz, ``--nonblocking``) of the Python threads that
-  were running, each sample put in a stage by the frames on its stack (``STAGES``). A second
-  py-spy records only the thread holding the GIL (``--gil``): who the others wait for.
+* **per stage, sampled** — py-spy samples (100 Hz, ``--nonblocking``) of the Python threads it
+  saw active, each sample put in a stage by the frames on its stack (``STAGES``). "Active" is
+  py-spy's guess: a thread runnable but waiting for a core (a niced decode thread), or blocked in
+  some socket calls, counts too, so these seconds are presence, not CPU; the CPU is the first
+  view. A second py-spy records only the thread holding the GIL (``--gil``): who the others wait for.
 
 The raw samples stay in DIR (``pyspy.txt``, ``pyspy-gil.txt``, collapsed stacks for any
 flame-graph tool) with ``profile.json``, the summary printed at the end of the run.
@@ -168,7 +170,7 @@ def render(summary: dict) -> str:
     for name, s in summary["cpu_s_by_thread"].items():
         lines.append(f"  {s:8.1f}  {100 * s / (wall * cores):5.1f}% of the cores  {name}")
     lines.append(f"  {total:8.1f}  {100 * total / (wall * cores):5.1f}% of the cores  all threads")
-    lines += ["", "Python threads by stage (py-spy): running s, holding the GIL s:"]
+    lines += ["", "Python threads by stage (py-spy samples): seen active s, holding the GIL s:"]
     for name, s in summary["stages"].items():
         if s["running_s"] >= 0.1 or s["gil_s"] >= 0.1:
             lines.append(f"  {s['running_s']:8.1f}  {s['gil_s']:8.1f}  {name}")

@@ -318,6 +318,11 @@ def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dic
     try:
         stack.push("tagging", ids["warmup"])  # first batches pay for lazy initialisation
         events.wait(ids["warmup"], EVENT_TIMEOUT_S)
+        if plan.compile_mode != "off":  # it compiles in the background: not during the rounds
+            from bench.stack import poll_until
+
+            poll_until(lambda: "model compiled" in worker.log() or "torch.compile (" in worker.log(),
+                       EVENT_TIMEOUT_S, "the worker's model compiled")
 
         def end_to_end() -> float:
             return throughput(stack, stack.push, events, ids["throughput"])
