@@ -8,7 +8,6 @@ A failure ends in one ``error: ...`` line on stderr and a non-zero status (share
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -124,9 +123,6 @@ def main() -> None:
     """Run the command line; a failure is one line and a non-zero status (click's own usage errors: 2)."""
     try:
         app()
-    except KeyboardInterrupt:  # a command that handles its own signals (backfill, workers) never gets here
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        raise SystemExit(130) from None
     except Exception as exc:
         raise SystemExit(report(exc, debug=options.debug)) from None
 

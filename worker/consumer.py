@@ -119,7 +119,7 @@ class Pending:
         for name, lane in self.lanes.items():  # then by queue priority, oldest first within a queue
             size = max_batch
             if name != first and self.fill is not None and any(h.queue == first for h in batch.items):
-                size = max(len(batch.items), min(max_batch, self.fill))  # an upload's batch: topped up only to fill
+                size = min(max_batch, self.fill)  # an upload's batch: topped up only to fill
             while lane and len(batch.items) < size:
                 batch.items.append(lane.popleft())
         return batch
