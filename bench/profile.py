@@ -36,7 +36,7 @@ T = TypeVar("T")
 SAMPLE_HZ = 100
 # (stage, markers): a sample belongs to the first stage with a marker among its frames.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("decode (PIL)", ("decode_image (", "_decode_on_cpu (")),
+    ("decode", ("decode_image (", "_decode_on_cpu (")),
     ("fetch (image store)", ("stores.py", "fetch (")),
     ("forward pass", ("forward (worker/model.py", "_run (worker/model.py", "predict (worker/model.py")),
     ("input to tensor", ("stage (worker/model.py", "to_input (", "stack (", "_normalise (")),

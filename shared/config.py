@@ -93,13 +93,19 @@ class Settings(BaseSettings):
         default=False,
         description="Decode JPEGs on the GPU in batches (torchvision.io.decode_jpeg); CUDA only.",
     )
+    jpeg_decoder: Literal["torchvision", "pil"] = Field(
+        default="torchvision",
+        description="torchvision: libjpeg-turbo and torchvision's resize, half the CPU per JPEG, within one "
+                    "grey level of pil; pil: exactly learn.predict's decode and resize.",
+    )
     fetch_concurrency: int = Field(default=16, ge=1, le=512, description="Concurrent image fetches per batch.")
     decode_workers: int = Field(
         default=0, ge=0, le=256, description="Images decoded at once (fetches wait apart); 0 = one per CPU core."
     )
-    decode_nice: int = Field(
-        default=10, ge=0, le=19,
-        description="Niceness of the fetch/decode threads (Linux): above 0 the forward pass gets the cores first.",
+    decode_nice: int | Literal["idle"] = Field(
+        default=10,
+        description="Priority of the fetch/decode threads (Linux): a niceness 0-19 (above 0 the forward pass gets "
+                    "the cores first), or idle: only on a core nothing else wants (SCHED_IDLE; a dedicated host only).",
     )
     max_image_pixels: int = Field(
         default=80_000_000, ge=1, description="Larger images are refused (decompression bombs)."
@@ -184,6 +190,19 @@ class Settings(BaseSettings):
     retrain_schedule: str = Field(
         default="0 3 1 * *", description="Cron schedule of the beat-driven retrain (monthly by default)."
     )
+
+    @field_validator("decode_nice", mode="before")
+    @classmethod
+    def _niceness_or_idle(cls, v):
+        if isinstance(v, str) and v.strip().lower() == "idle":
+            return "idle"
+        try:
+            nice = int(v)
+        except (TypeError, ValueError):
+            nice = -1
+        if not 0 <= nice <= 19:
+            raise ValueError("STILLTAG_DECODE_NICE must be a niceness from 0 to 19, or idle")
+        return nice
 
     @field_validator("image_url")
     @classmethod

@@ -12,7 +12,6 @@ import gc
 import logging
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from shared.learner_pickle import arch_name, resolve_device  # noqa: F401 (resolve_device: worker API)
-from worker.preprocess import Preprocessing
+from worker.preprocess import Preprocessing, decode_jpegs, squish_tensor
 
 log = logging.getLogger(__name__)
 
@@ -189,21 +188,8 @@ class TaggingModel:
 
     def decode_jpegs(self, jpegs: list[bytes]) -> list:
         """JPEGs decoded in one batch on the model's device and squished to the model's size:
-        ``(h, w, 3)`` uint8 tensors there. torchvision's resize is not PIL's, so the probabilities
-        differ slightly from ``learn.predict``'s; the CPU path (the default) is the parity path."""
-        import torch
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms.v2.functional import resize
-
-        data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-        with warnings.catch_warnings():
-            # torchvision 0.29 deprecates its decoders for TorchCodec's; TorchCodec is not a dependency
-            # yet, and decode_jpeg is still the batched nvjpeg path the issue asks for.
-            warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision",
-                                    DeprecationWarning)
-            images = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=self.device)
-        size = [self.prep.height, self.prep.width]
-        return [resize(img, size, antialias=True).permute(1, 2, 0) for img in images]
+        ``(h, w, 3)`` uint8 tensors there (the filter of the CPU path's torchvision decoder)."""
+        return [squish_tensor(img, self.prep) for img in decode_jpegs(jpegs, device=str(self.device))]
 
     def stage_mixed(self, items: list) -> Staged:
         """``stage`` for a batch of device tensors (``decode_jpegs``) and host pixels (numpy)."""

@@ -1,7 +1,7 @@
 """Decode: image bytes → the model's input pixels, exactly as the learner's validation pipeline.
 
-A plain function per image, safe to call from many threads (PIL releases the GIL while it
-decodes and resizes). Every way an image can be bad ends in ``ImageRejected`` with a reason.
+A plain function per image, safe to call from many threads (PIL, libjpeg-turbo and torchvision's
+resize release the GIL while they work). Every way an image can be bad ends in ``ImageRejected`` with a reason.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-# JPEGs much larger than the model input are decoded at half size (libjpeg's DCT scaling),
-# keeping at least this many times the target size before the resize: the probabilities stay
-# within the parity test's tolerance and decoding is about twice as fast.
-DRAFT_OVERSAMPLE = 2
-# Never below this fraction of the stored size: libjpeg's 1/4 and 1/8 scales average whole 8x8
-# blocks, and with the resize left to do small they moved probabilities by up to 0.013 against
-# learn.predict on a 64 px model (1/2 at most: 0.005). A smaller oversample fails the same way at
-# 224 px (0.025), so the reduction is capped rather than the oversample lowered.
-DRAFT_MAX_REDUCTION = 2
+# The decoders of an RGB (YCbCr) JPEG, STILLTAG_JPEG_DECODER. "torchvision" decodes with libjpeg-turbo
+# straight into a tensor and squishes with torchvision's antialiased uint8 resize, which computes
+# PIL's filter (within one grey level of it) in a sixth of PIL's time: about half the CPU per
+# image of the "pil" path, which is exactly learn.predict's (PIL decode, PIL resize). Other
+# formats and modes, and learners that crop or resize with another filter, take the PIL path.
+JPEG_DECODERS = ("torchvision", "pil")
+TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
@@ -38,7 +36,6 @@ class Preprocessing:
     width: int
     method: str = "squish"  # fastai ResizeMethod: squish, crop or pad
     resample: int = Image.Resampling.BILINEAR
-    draft: bool = True
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -53,23 +50,63 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _resize(img: Image.Image, prep: Preprocessing) -> Image.Image:
-    size = (prep.width, prep.height)  # PIL wants (w, h); fastai stores (h, w)
+def _box(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int, int, int] | None:
+    """The part of a ``(w, h)`` image the resize reads: all of it (squish), or fastai's validation
+    crop, the centred largest crop of the target ratio, as ``(left, top, right, bottom)``."""
     if prep.method == "squish":
-        return img.resize(size, prep.resample)
-    if prep.method == "crop":  # fastai's validation crop: the centred largest crop of the target ratio
-        w, h = img.size
+        return None
+    if prep.method == "crop":
+        w, h = size
         ratio = min(w / prep.width, h / prep.height)
         cw, ch = round(prep.width * ratio), round(prep.height * ratio)
         left, top = (w - cw) // 2, (h - ch) // 2
-        return img.resize(size, prep.resample, box=(left, top, left + cw, top + ch))
+        return left, top, left + cw, top + ch
     raise ImageRejected(f"resize method {prep.method!r} is not supported by the tagging worker")
 
 
-def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int) -> np.ndarray:
+def decode_jpegs(jpegs: list[bytes], *, device: str = "cpu") -> list:
+    """JPEGs → ``(3, h, w)`` uint8 RGB tensors on ``device`` (libjpeg-turbo on a CPU, batched nvjpeg
+    on CUDA), EXIF orientation applied. Raises ``RuntimeError`` for a corrupt or truncated one."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its decoders for TorchCodec's; TorchCodec is not a dependency
+        # yet, and decode_jpeg is libjpeg-turbo on a CPU and the batched nvjpeg path on a GPU.
+        warnings.filterwarnings("ignore", TORCHVISION_DEPRECATION, DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True, device=device)
+
+
+def squish_tensor(x, prep: Preprocessing):
+    """A ``(3, h, w)`` uint8 tensor squished to ``(height, width, 3)`` with PIL's bilinear filter
+    (antialiased). Only a squish: PIL's crop reads past the crop's edge, and a cropped tensor cannot."""
+    from torchvision.transforms.v2.functional import resize
+
+    return resize(x, [prep.height, prep.width], antialias=True).permute(1, 2, 0)
+
+
+def _decode_torchvision(data: bytes, prep: Preprocessing) -> np.ndarray:
+    try:
+        (x,) = decode_jpegs([data])
+    except RuntimeError as exc:  # "decode_jpeg, <source file>:<line>, Image is incomplete or truncated"
+        raise ImageRejected(f"corrupt or truncated image: {str(exc).rsplit(', ', 1)[-1]}") from None
+    return np.ascontiguousarray(squish_tensor(x, prep).numpy())
+
+
+def _decode_pil(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    img.load()
+    img = _to_rgb(ImageOps.exif_transpose(img))
+    box = _box(img.size, prep)
+    return np.asarray(img.resize((prep.width, prep.height), prep.resample, box=box), dtype=np.uint8)
+
+
+def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int, jpeg_decoder: str = "torchvision") -> np.ndarray:
     """Bytes → ``(height, width, 3)`` uint8 pixels ready for the model.
 
     EXIF orientation is applied; grayscale, CMYK, palette, alpha and 16-bit images are converted.
+    ``jpeg_decoder`` (``JPEG_DECODERS``) picks the decoder of RGB JPEGs when the learner squishes
+    with the bilinear filter (fastai's filter, and the squish of stilltag's training recipe).
 
     Raises:
         ImageRejected: empty, not an image, truncated or corrupt, or over ``max_pixels``.
@@ -79,17 +116,14 @@ def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int) -> np.nda
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap is below
-            img: Image.Image = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))  # the header only
         w, h = img.size
         if w * h > max_pixels:
             raise ImageRejected(f"image is {w}x{h} = {w * h} pixels, over the cap of {max_pixels} (decompression bomb?)")
-        if prep.draft and img.format == "JPEG":
-            img.draft("RGB", (max(prep.width * DRAFT_OVERSAMPLE, -(-w // DRAFT_MAX_REDUCTION)),
-                              max(prep.height * DRAFT_OVERSAMPLE, -(-h // DRAFT_MAX_REDUCTION))))
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        out = _resize(img, prep)
+        if (jpeg_decoder == "torchvision" and img.format == "JPEG" and img.mode == "RGB"
+                and prep.method == "squish" and prep.resample == Image.Resampling.BILINEAR):
+            return _decode_torchvision(data, prep)
+        return _decode_pil(img, prep)
     except ImageRejected:
         raise
     except UnidentifiedImageError:
@@ -98,7 +132,6 @@ def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int) -> np.nda
         raise ImageRejected(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected(f"corrupt or truncated image: {exc}") from None
-    return np.asarray(out, dtype=np.uint8)
 
 
 def is_jpeg(data: bytes, *, max_pixels: int) -> bool:

@@ -182,7 +182,8 @@ class Tagger:
             fetched_s = time.perf_counter() - t0
             with self._decode_slots:  # the wait for a slot is queueing, not decoding: not timed
                 t1 = time.perf_counter()
-                pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels)
+                pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels,
+                                      jpeg_decoder=self.settings.jpeg_decoder)
                 metrics.DECODE.observe(fetched_s + time.perf_counter() - t1)
             return Prepared(image_id, prep, pixels=pixels)
         except ImageRejected as exc:
@@ -277,7 +278,8 @@ class Tagger:
     def _decode_on_cpu(self, p: Prepared) -> Prepared:
         try:
             return Prepared(p.image_id, p.prep, pixels=decode_image(p.jpeg or b"", p.prep,
-                                                                    max_pixels=self.settings.max_image_pixels))
+                                                                    max_pixels=self.settings.max_image_pixels,
+                                                                    jpeg_decoder=self.settings.jpeg_decoder))
         except ImageRejected as exc:
             return Prepared(p.image_id, p.prep, error=str(exc))
 
@@ -303,13 +305,18 @@ class Tagger:
         self.runtime.close()
 
 
-def _lower_priority(nice: int) -> None:
-    """Raise this thread's niceness (Linux threads have their own); elsewhere nothing."""
-    if nice and hasattr(os, "setpriority") and sys.platform.startswith("linux"):
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError as exc:
-            log.warning("could not lower the decode threads' priority: %s", exc)
+def _lower_priority(nice: int | str) -> None:
+    """Lower this thread's priority (Linux threads have their own): a niceness, or ``idle``
+    (SCHED_IDLE: the thread runs only on a core nothing else wants); elsewhere nothing."""
+    if not nice or not sys.platform.startswith("linux"):
+        return
+    try:
+        if nice == "idle":
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+        else:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(nice))
+    except OSError as exc:
+        log.warning("could not lower the decode threads' priority: %s", exc)
 
 
 _process_tagger: Tagger | None = None

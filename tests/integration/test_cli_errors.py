@@ -56,6 +56,11 @@ def test_bad_setting_value(tmp_path):
                     "unable to parse string as an integer")
 
 
+def test_bad_decode_priority_says_what_it_takes(tmp_path):
+    line = one_line_failure(stilltag(tmp_path, "models", "list", STILLTAG_DECODE_NICE="lowest"), 2)
+    assert line == "error: invalid setting: STILLTAG_DECODE_NICE must be a niceness from 0 to 19, or idle"
+
+
 def test_unknown_setting(tmp_path):
     line = one_line_failure(stilltag(tmp_path, "models", "list", STILLTAG_MAX_BACTH="8"), 2)
     assert line.startswith("error: unknown setting(s) STILLTAG_MAX_BACTH (did you mean STILLTAG_MAX_BATCH?)")

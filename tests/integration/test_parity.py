@@ -11,11 +11,12 @@ from worker.results import select_tags
 pytestmark = pytest.mark.integration
 
 THRESHOLD = 0.2
-# Small generated pictures and large JPEGs at movie sizes (decoded at reduced size by the worker).
+# Small generated pictures and large JPEGs at movie sizes.
 SIZES = [(96, 96), (320, 200), (1280, 720), (1920, 800), (1024, 768), (1440, 1080)]
 
 
-def test_worker_probabilities_match_learn_predict(tiny_learner):
+@pytest.mark.parametrize("jpeg_decoder", ["torchvision", "pil"])
+def test_worker_probabilities_match_learn_predict(tiny_learner, jpeg_decoder):
     import warnings
 
     from fastai.learner import load_learner
@@ -28,7 +29,8 @@ def test_worker_probabilities_match_learn_predict(tiny_learner):
 
     pictures = [make_picture(1000 + i, seed=7, size=size) for i, size in enumerate(SIZES * 2)]
     data = [p.jpeg(quality=92) for p in pictures]
-    ours = model.predict(np.stack([decode_image(d, model.prep, max_pixels=100_000_000) for d in data]))
+    ours = model.predict(np.stack([decode_image(d, model.prep, max_pixels=100_000_000, jpeg_decoder=jpeg_decoder)
+                                    for d in data]))
     with learn.no_bar(), learn.no_logging():
         theirs = np.stack([learn.predict(d)[2].numpy() for d in data])
 

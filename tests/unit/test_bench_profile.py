@@ -28,7 +28,7 @@ def test_samples_are_put_in_stages_per_thread(tmp_path):
         ("inference", "forward pass"): 300,
         ("inference", "commit (database)"): 20,
         ("inference", "events (Redis)"): 5,
-        ("prepare (fetch + decode pool)", "decode (PIL)"): 150,
+        ("prepare (fetch + decode pool)", "decode"): 150,
         ("prepare (fetch + decode pool)", "fetch (image store)"): 10,
         ("batch-consumer", "acks and polling (broker)"): 40,  # a Redis MULTI is not a database commit
         ("MainThread", "other"): 2,

@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -65,9 +67,10 @@ def test_sixteen_bit_keeps_its_range():
         pytest.param(png_bomb(12_000, 1_000), "over the cap of 10000000", id="decompression-bomb-over-cap"),
     ],
 )
-def test_bad_images_are_rejected_with_a_reason(data, reason):
+@pytest.mark.parametrize("jpeg_decoder", ["torchvision", "pil"])
+def test_bad_images_are_rejected_with_a_reason(data, reason, jpeg_decoder):
     with pytest.raises(ImageRejected, match=reason):
-        decode_image(data, PREP, max_pixels=CAP)
+        decode_image(data, PREP, max_pixels=CAP, jpeg_decoder=jpeg_decoder)
 
 
 def test_pixel_cap_is_the_setting():
@@ -77,13 +80,49 @@ def test_pixel_cap_is_the_setting():
     assert decode_image(data, PREP, max_pixels=20_000).shape == (32, 48, 3)
 
 
-def test_large_jpeg_draft_decode_matches_full_decode():
-    """Reduced-size JPEG decoding stays close to decoding at full size and resizing."""
+def _movie_still(width=1280, height=720) -> Image.Image:
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (90, 160, 3), dtype=np.uint8)
-    big = Image.fromarray(base).resize((1920, 1080), Image.Resampling.BICUBIC)
-    data = encode(big, "JPEG", quality=92)
-    prep = Preprocessing(height=224, width=224)
+    base = rng.integers(0, 255, (height // 12, width // 12, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def _as_fastai_does(data: bytes, prep: Preprocessing) -> np.ndarray:
+    """learn.predict's pipeline: PILImage.create (PIL decode, RGB), then Resize with PIL's filter."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    box = None
+    if prep.method == "crop":
+        ratio = min(img.width / prep.width, img.height / prep.height)
+        cw, ch = round(prep.width * ratio), round(prep.height * ratio)
+        box = ((img.width - cw) // 2, (img.height - ch) // 2, (img.width - cw) // 2 + cw, (img.height - ch) // 2 + ch)
+    return np.asarray(img.resize((prep.width, prep.height), prep.resample, box=box)).astype(int)
+
+
+@pytest.mark.parametrize("method", ["squish", "crop"])
+@pytest.mark.parametrize("size", [(1280, 720), (1920, 800), (333, 517)])
+def test_jpeg_decoders_match_learn_predicts_pipeline(method, size):
+    """The torchvision decoder is within one grey level of PIL's decode and squish (a crop takes
+    the PIL path); "pil" is PIL's."""
+    data = encode(_movie_still(*size), "JPEG", quality=92)
+    prep = Preprocessing(height=224, width=160, method=method)
+    expected = _as_fastai_does(data, prep)
     fast = decode_image(data, prep, max_pixels=CAP).astype(int)
-    full = decode_image(data, Preprocessing(height=224, width=224, draft=False), max_pixels=CAP).astype(int)
-    assert np.abs(fast - full).mean() < 3.0
+    assert fast.shape == expected.shape == (224, 160, 3)
+    assert np.abs(fast - expected).max() <= 1
+    # Rounding differs in a few pixels: a squish here went through torchvision, a crop through PIL.
+    assert np.array_equal(fast, expected) == (method == "crop")
+    assert np.array_equal(decode_image(data, prep, max_pixels=CAP, jpeg_decoder="pil"), expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_both_jpeg_decoders_turn_every_exif_orientation_the_same_way(orientation):
+    data = with_exif_orientation(_movie_still(300, 200), orientation)
+    prep = Preprocessing(height=60, width=50)
+    fast = decode_image(data, prep, max_pixels=CAP).astype(int)
+    pil = decode_image(data, prep, max_pixels=CAP, jpeg_decoder="pil").astype(int)
+    assert np.abs(fast - pil).max() <= 1
+
+
+def test_a_truncated_large_jpeg_is_rejected_by_the_torchvision_decoder():
+    data = encode(_movie_still(), "JPEG", quality=92)
+    with pytest.raises(ImageRejected, match=r"^corrupt or truncated image: Image is incomplete or truncated$"):
+        decode_image(data[: len(data) // 2], Preprocessing(height=224, width=224), max_pixels=CAP)
