@@ -1,4 +1,5 @@
-"""Decode: image bytes → the model's input pixels, exactly as the learner's validation pipeline.
+"""Decode: image bytes → the model's input pixels, as the learner's validation pipeline makes them
+(exactly with the ``pil`` JPEG decoder, within one grey level with ``torchvision``).
 
 A plain function per image, safe to call from many threads (PIL, libjpeg-turbo and torchvision's
 resize release the GIL while they work). Every way an image can be bad ends in ``ImageRejected`` with a reason.
@@ -18,7 +19,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # PIL's filter (within one grey level of it) in a sixth of PIL's time: about half the CPU per
 # image of the "pil" path, which is exactly learn.predict's (PIL decode, PIL resize). Other
 # formats and modes, and learners that crop or resize with another filter, take the PIL path.
-JPEG_DECODERS = ("torchvision", "pil")
 TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -105,7 +105,7 @@ def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int, jpeg_deco
     """Bytes → ``(height, width, 3)`` uint8 pixels ready for the model.
 
     EXIF orientation is applied; grayscale, CMYK, palette, alpha and 16-bit images are converted.
-    ``jpeg_decoder`` (``JPEG_DECODERS``) picks the decoder of RGB JPEGs when the learner squishes
+    ``jpeg_decoder`` (``torchvision`` or ``pil``) picks the decoder of RGB JPEGs when the learner squishes
     with the bilinear filter (fastai's filter, and the squish of stilltag's training recipe).
 
     Raises:

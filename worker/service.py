@@ -182,8 +182,7 @@ class Tagger:
             fetched_s = time.perf_counter() - t0
             with self._decode_slots:  # the wait for a slot is queueing, not decoding: not timed
                 t1 = time.perf_counter()
-                pixels = decode_image(data, prep, max_pixels=self.settings.max_image_pixels,
-                                      jpeg_decoder=self.settings.jpeg_decoder)
+                pixels = self._decode(data, prep)
                 metrics.DECODE.observe(fetched_s + time.perf_counter() - t1)
             return Prepared(image_id, prep, pixels=pixels)
         except ImageRejected as exc:
@@ -275,11 +274,14 @@ class Tagger:
         for result in results:
             metrics.IMAGES.labels(result.state).inc()
 
+    def _decode(self, data: bytes, prep: Preprocessing) -> np.ndarray:
+        """``decode_image`` with this worker's pixel cap and JPEG decoder."""
+        return decode_image(data, prep, max_pixels=self.settings.max_image_pixels,
+                            jpeg_decoder=self.settings.jpeg_decoder)
+
     def _decode_on_cpu(self, p: Prepared) -> Prepared:
         try:
-            return Prepared(p.image_id, p.prep, pixels=decode_image(p.jpeg or b"", p.prep,
-                                                                    max_pixels=self.settings.max_image_pixels,
-                                                                    jpeg_decoder=self.settings.jpeg_decoder))
+            return Prepared(p.image_id, p.prep, pixels=self._decode(p.jpeg or b"", p.prep))
         except ImageRejected as exc:
             return Prepared(p.image_id, p.prep, error=str(exc))
 
