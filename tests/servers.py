@@ -31,11 +31,12 @@ def accepts(port: int) -> bool:
 class PrivateRedis:
     """``redis-server`` with an append-only file and ``noeviction``, as production runs it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, *args: str):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.args = args  # more redis-server options
 
     @property
     def pid(self) -> int:
@@ -46,7 +47,7 @@ class PrivateRedis:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--appendonly", "yes",
              "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction", "--dir", str(self.folder),
              "--daemonize", "yes", "--pidfile", str(self.folder / "redis.pid"),
-             "--logfile", str(self.folder / "redis.log")],
+             "--logfile", str(self.folder / "redis.log"), *self.args],
             check=True,
         )
         poll_until(self.answers, START_TIMEOUT_S, f"Redis on {self.port} answers", interval_s=0.05)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kombu import Queue
+from kombu.transport.virtual import QoS as VirtualQoS
 
 from shared.broker import (
     RECONNECT_INTERVAL_S,
@@ -49,9 +50,11 @@ from worker.service import Tagger
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.2  # longest wait in the broker with nothing in hand (acks wait at most this)
+IDLE_WAIT_S = 0.5  # nothing in hand: an upload wakes the pop at once, other queues are looked at this often
 BUSY_POLL_S = 0.02  # longest wait in the broker while a batch runs: its acknowledgement waits this
 FAILED_BATCH_BACKOFF_S = (0.5, 30.0)  # first and longest pause after a batch that did not commit
 BATCHES_IN_FLIGHT = 3  # per queue: in the forward pass + decoding for the next + gathering
+SETTLE_CHUNK = 1000  # messages acknowledged per pipeline
 POP_REPLY_TIMEOUT_S = 5.0  # an atomic pop answers in milliseconds; no reply this long = a dead socket
 
 
@@ -254,13 +257,14 @@ class BatchConsumer:
         silent after a Redis restart, alive and consuming nothing.
         """
         while self._owed:
-            held, committed = self._owed[0]
+            chunk = self._owed[:SETTLE_CHUNK]
             try:
-                _settle(self._channel, held.message, committed)
+                _settle(self._channel, [(held.message, committed) for held, committed in chunk])
             except Exception as exc:
-                raise BrokerLost(f"could not {'acknowledge' if committed else 'return'} a message: {exc}") from exc
-            self._owed.pop(0)
-            self._held_by_queue[held.queue] = max(0, self._held_by_queue.get(held.queue, 0) - 1)
+                raise BrokerLost(f"could not acknowledge or return {len(chunk)} message(s): {exc}") from exc
+            del self._owed[:len(chunk)]
+            for held, _committed in chunk:
+                self._held_by_queue[held.queue] = max(0, self._held_by_queue.get(held.queue, 0) - 1)
 
     def _maybe_restore(self, channel) -> None:
         now = time.monotonic()
@@ -307,10 +311,13 @@ class BatchConsumer:
                     self._maybe_restore(channel)
                     if getattr(channel, "pop_overdue", None) and channel.pop_overdue(POP_REPLY_TIMEOUT_S):
                         raise BrokerLost(f"no reply from the broker for {POP_REPLY_TIMEOUT_S:.0f} s")
+                    wait_s = self._wait_s()
                     if hasattr(channel, "skip_queues"):
                         channel.skip_queues = self._full_queues() | self.paused
+                        # Nothing in hand: wait in Redis for an upload instead of polling.
+                        channel.idle_wait_s = IDLE_WAIT_S if wait_s == IDLE_POLL_S else 0.0
                     try:
-                        conn.drain_events(timeout=self._wait_s())
+                        conn.drain_events(timeout=wait_s)
                     except TimeoutError:
                         pass
                 self._shutdown()
@@ -458,27 +465,38 @@ class _Stop(Exception):
     pass
 
 
-def _settle(channel, message, committed: bool) -> None:
-    """Acknowledge a message, or return it to the front of its queue, on ``channel``.
+def _settle(channel, settled: list[tuple[Any, bool]]) -> None:
+    """Acknowledge (committed) or return (not) each ``(message, committed)`` on ``channel``.
 
     On Redis a message delivered on an earlier connection is settled by its delivery tag (Redis
-    keeps it in ``unacked`` until then); one of this connection is also acknowledged to kombu,
-    which frees its place in the prefetch window.
+    keeps it in ``unacked`` until then); one of this connection is also settled with kombu, which
+    frees its place in the prefetch window. The acknowledgements of a batch go in one pipeline
+    (one round trip, not one per image). A settle that fails part way is repeated on the next
+    connection: removing a record twice does nothing, and returning a message twice at worst
+    delivers it once more (tagging is idempotent); neither loses it.
+
+    A return is one transaction (``restore_by_tag``: the record leaves ``unacked`` and the message
+    goes back to its queue) and nothing after it touches Redis. The message keeps its delivery
+    tag, and another worker may pop it again at once and record it under that same tag: a Redis
+    ack sent after the return, as kombu's ``Message.ack`` would, deletes that worker's record, and
+    if its batch then fails too the message is gone (the fault drill lost an upload that way
+    while PostgreSQL was down).
     """
-    current = message.channel is channel
     qos: Any = getattr(channel, "qos", None)
     if not hasattr(qos, "restore_by_tag"):  # the embedded broker has one connection and no unacked set
-        if current:
-            message.ack() if committed else message.requeue()
+        for message, committed in settled:
+            if message.channel is channel:
+                message.ack() if committed else message.requeue()
         return
-    tag = message.delivery_tag
-    if not committed:
-        qos.restore_by_tag(tag)  # to the consuming end: served next
-    if current:
-        message.ack()
-    else:
+    acked = [message.delivery_tag for message, committed in settled if committed]
+    if acked:
         with channel.conn_or_acquire() as client:
-            client.pipeline().zrem(channel.unacked_index_key, tag).hdel(channel.unacked_key, tag).execute()
+            client.pipeline().zrem(channel.unacked_index_key, *acked).hdel(channel.unacked_key, *acked).execute()
+    for message, committed in settled:
+        if not committed:
+            qos.restore_by_tag(message.delivery_tag)  # to the consuming end: served next
+        if message.channel is channel:
+            VirtualQoS.ack(qos, message.delivery_tag)  # kombu's bookkeeping only: the prefetch window
 
 
 def _observe_enqueue_to_commit(messages) -> None:
