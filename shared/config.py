@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     inference_precision: str = Field(
         default="auto",
-        description="fp32, bf16, fp16 or auto (fp16 autocast on a GPU, bf16 on a CPU with native bf16, else fp32).",
+        description="fp32, bf16, fp16 or auto (fp16 autocast on a GPU, fp32 on a CPU).",
     )
     inference_compile: str = Field(
         default="off",
