@@ -187,13 +187,14 @@ class AtomicRedisChannel(GuardedRedisChannel):
     skip_queues: frozenset[str] = frozenset()
     idle_wait_s = 0.0  # > 0: after an empty pop, wait this long in Redis for the first queue
     _waiting: list | None = None  # the pop's (key, queue) pairs while a wait is in flight
+    _wait_sent_s = 0.0  # how long the wait in flight asked Redis to block
     _wait_next = False  # the last pop found nothing: the next command may be a wait
     _can_wait = True  # False on a server without BLMOVE (Redis < 6.2): the pop polls only
 
     def pop_overdue(self, timeout_s: float) -> bool:
         """True when a pop was sent more than ``timeout_s`` ago (plus the wait it asked for) and
         has no reply: the socket is half-open (a cut connection that no error announced)."""
-        allowed = timeout_s + (self.idle_wait_s if self._waiting is not None else 0.0)
+        allowed = timeout_s + (self._wait_sent_s if self._waiting is not None else 0.0)
         return bool(self._in_poll) and self._brpop_sent_at is not None and monotonic() - self._brpop_sent_at > allowed
 
     def _brpop_start(self, timeout=None):
@@ -204,9 +205,9 @@ class AtomicRedisChannel(GuardedRedisChannel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         if self.idle_wait_s > 0 and self._wait_next and self._can_wait:
-            self._waiting = pairs
+            self._waiting, self._wait_sent_s = pairs, self.idle_wait_s
             key = pairs[0][0]
-            self.client.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", self.idle_wait_s)
+            self.client.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", self._wait_sent_s)
         else:
             self._send_pop(pairs)
 

@@ -179,6 +179,11 @@ def test_an_idle_pop_waits_in_redis_and_an_upload_wakes_it(workers, redis_url):
     with pytest.raises(TimeoutError):
         first.conn.drain_events(timeout=0.2)  # the pop finds nothing; the wait goes out
     assert _blocked_on_blmove(client)
+    # The consumer's dead-socket check allows for the wait it asked for (as if sent 10 s ago, then 70 s).
+    first.channel._brpop_sent_at -= 10
+    assert not first.channel.pop_overdue(5.0), "a wait in Redis was taken for a dead socket"
+    first.channel._brpop_sent_at -= 60
+    assert first.channel.pop_overdue(5.0)
     started = time.monotonic()
     push(client, TAGGING_QUEUE, [42])
     message = first.pop()
