@@ -422,3 +422,10 @@ def test_gpu_override_services_answer_to_the_scaled_name():
     for name in ("tagging-worker-gpu0", "tagging-worker-gpu1"):
         assert services[name]["networks"] == {"default": {"aliases": ["tagging-worker"]}}
         assert services[name]["healthcheck"] == SERVICES["tagging-worker"]["healthcheck"]
+
+
+def test_redis_has_blmove():
+    # An idle tagging worker waits for uploads with BLMOVE (Redis 6.2 or later, shared/broker.py).
+    tag = SERVICES["redis"]["image"].split(":", 1)[1]
+    major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", tag).groups())
+    assert (major, minor) >= (6, 2), SERVICES["redis"]["image"]
