@@ -37,6 +37,11 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from shared.parity import LIMITS as PARITY_LIMITS
+from shared.parity import METRICS_KEY as PARITY_KEY
+from shared.parity import THRESHOLD as PARITY_THRESHOLD
+from shared.parity import figures as parity_figures
+
 BACKLOG = 10_000  # backfill messages ahead of the uploads in the full run
 UPLOADS_BEHIND = 5  # uploads sent one by one behind it
 TRICKLE_INTERVAL_MS = 200  # one upload every 200 ms
@@ -44,10 +49,6 @@ LIMIT_MIN_S = 8.0  # the forward-pass loop runs at least this long (quick: 1 s)
 EVENT_TIMEOUT_S = 1800  # a whole run on a slow machine; only a hung worker reaches it
 MIN_ROUNDS = 3
 REDUCED_PRECISIONS = ("bf16", "fp16")
-# A reduced precision may be a device's default only within these (issue 11): |p - p_fp32|
-# at most, its 99th percentile, and the share of tag decisions at the threshold that flip.
-PARITY_LIMITS = {"max_diff": 0.02, "p99_diff": 0.005, "flip_share": 0.001}
-PARITY_THRESHOLD = 0.2  # the seed's threshold, where decisions are counted
 TRAIN_IMAGES = 48  # generated pictures the benchmark's learner is trained on (for parity); quick: 16
 
 
@@ -65,7 +66,9 @@ class Plan:
     distinct_per_size: int
     limit_min_s: float
     rounds: int = MIN_ROUNDS
-    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16 (auto: again once the learner's bf16 parity is known)
+    precision_setting: str = "auto"  # as asked: auto, fp32, bf16 or fp16
+    learner: str = ""  # an exported learner to measure instead of one trained here
     compile_mode: str = "off"
     parity_images: int = 64
     # Extra end-to-end phases: (name, {STILLTAG_*: value}), each its own worker on its own Redis DB,
@@ -75,14 +78,15 @@ class Plan:
 
 def make_plan(*, arch: str, images: int, quick: bool, max_batch: int, max_wait_ms: int, device: str,
               rounds: int = MIN_ROUNDS, precision: str = "auto", compile_mode: str = "off",
-              variants: tuple = ()) -> Plan:
+              variants: tuple = (), learner: str = "") -> Plan:
     from worker.model import resolve_device, resolve_precision
 
     device = resolve_device(device)
     gpu = device.startswith("cuda")
     arch = arch or ("resnet152" if gpu else "resnet18")
-    common: dict[str, Any] = {"rounds": rounds, "precision": resolve_precision(precision, device), "compile_mode": compile_mode,
-              "variants": variants}
+    common: dict[str, Any] = {"rounds": rounds, "precision": resolve_precision(precision, device)[0],
+                              "precision_setting": precision, "compile_mode": compile_mode, "variants": variants,
+                              "learner": learner}
     if quick:  # proves the benchmark works (CI); the numbers mean little
         return Plan(arch, device, 64, images or 16, min(images or 16, 8), max_batch or 8, max_wait_ms, 5,
                     20 * (max_batch or 8), 1, 0.5, parity_images=16, **common)
@@ -179,26 +183,17 @@ def measure_parity(plan: Plan, learn, jpegs: list[bytes]) -> dict[str, dict[str,
     out = {}
     for precision in REDUCED_PRECISIONS:
         model = TaggingModel(learn, version=precision, device=plan.device, precision=precision)
-        out[precision] = _parity(base, probs(model))
+        out[precision] = parity_figures(base, probs(model))
     if plan.compile_mode != "off":  # the run's own mode: compiled, at its precision
         compiled = TaggingModel(learn, version="compiled", device=plan.device, precision=plan.precision,
                                 compile_mode=plan.compile_mode, compile_batch=plan.max_batch)
         compiled.compiled.wait()
-        out[compiled_key(plan)] = _parity(base, probs(compiled))
+        out[compiled_key(plan)] = parity_figures(base, probs(compiled))
     return out
 
 
 def compiled_key(plan: Plan) -> str:
     return f"{plan.precision}+compile"
-
-
-def _parity(base: np.ndarray, other: np.ndarray) -> dict[str, float]:
-    diff = np.abs(other - base)
-    flips = (other >= PARITY_THRESHOLD) != (base >= PARITY_THRESHOLD)
-    figures = {"max_diff": float(diff.max()), "p99_diff": float(np.percentile(diff, 99)),
-               "flip_share": float(flips.mean()), "decisions": int(flips.size), "flips": int(flips.sum())}
-    figures["within_limits"] = all(figures[k] <= v for k, v in PARITY_LIMITS.items())
-    return figures
 
 
 class Limit:
@@ -305,6 +300,16 @@ def _variant_phase(stack, client, events, image_ids: list[int]) -> Callable[[], 
     return lambda: throughput(stack, lambda queue, i: push(client, queue, i), events, image_ids)
 
 
+def served_precision(worker) -> str:
+    """The ``precision`` label of a worker's ``stilltag_model_info``."""
+    import re
+
+    found = re.search(r'^stilltag_model_info\{[^}]*precision="([^"]+)"', worker.probe("/metrics")[1], re.M)
+    if found is None:
+        raise RuntimeError("the worker's /metrics has no stilltag_model_info")
+    return found.group(1)
+
+
 def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dict[str, Callable[[], float]],
                        profile_dir: Path | None = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """The rounds (``phases`` and throughput through Redis → worker process → database), then the
@@ -327,7 +332,10 @@ def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dic
         def end_to_end() -> float:
             return throughput(stack, stack.push, events, ids["throughput"])
 
-        out: dict[str, Any] = {}
+        # The precision the worker resolved for itself (stilltag_model_info): the limit's must be the same.
+        out: dict[str, Any] = {"worker_precision": served_precision(worker)}
+        if out["worker_precision"] != plan.precision:
+            raise RuntimeError(f"the worker serves {out['worker_precision']}, the limit was measured at {plan.precision}")
         if profile_dir is None:
             samples = run_rounds(plan, {**phases, "end_to_end_img_s": end_to_end})
         else:
@@ -483,7 +491,7 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
     # A worker that makes no progress for stall_exit_s exits; loading several at once on a busy
     # machine can take longer than the default, and the benchmark would lose a variant for it.
     worker_settings = {"stall_exit_s": 900, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms, "device": plan.device,
-                       "inference_precision": plan.precision, "inference_compile": plan.compile_mode}
+                       "inference_precision": plan.precision_setting, "inference_compile": plan.compile_mode}
     with tempfile.TemporaryDirectory(prefix="stilltag-bench-") as tmp, \
             claimed_stack(Path(tmp), redis_host_url=redis_url, pg_admin_url=pg_admin_url, **worker_settings) as stack, \
             ExitStack() as claims:
@@ -500,26 +508,40 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
             first += n
         for k, i in enumerate(ids["backfill"]):  # the backlog: links to the throughput images
             (stack.image_dir / f"{i}.jpg").symlink_to(paths[ids["throughput"][k % len(ids["throughput"])]])
-        learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size,
-                                 train_images=0 if not plan.parity_images else
-                                 16 if plan.parity_images < 64 else TRAIN_IMAGES)
-        result.update({"arch": plan.arch, "device": plan.device, "device_name": _device_name(plan.device),
-                       "image_size": plan.size, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms,
-                       "images": plan.images, "baseline_images": plan.baseline_images, "rounds": plan.rounds,
-                       "precision": plan.precision, "compile": plan.compile_mode,
-                       "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024})
+        if plan.learner:
+            learner = Path(plan.learner)
+        else:
+            learner = export_learner(Path(tmp) / "learner", arch=plan.arch, size=plan.size,
+                                     train_images=0 if not plan.parity_images else
+                                     16 if plan.parity_images < 64 else TRAIN_IMAGES)
         learn = load_fastai(learner, plan.device)
+        if plan.learner:  # what is measured is the learner's own
+            from worker.model import arch_name, preprocessing_of
+
+            prep = preprocessing_of(learn)[0]
+            plan = replace(plan, arch=arch_name(learn), size=max(prep.height, prep.width))
         if plan.parity_images:
             parity = measure_parity(plan, learn, movie_jpegs(plan.parity_images, seed=1,
                                                              distinct_per_size=-(-plan.parity_images // 4)))
+            if plan.precision_setting == "auto":  # as a tagging worker resolves it for a model with this record
+                from worker.model import resolve_precision
+
+                plan = replace(plan, precision=resolve_precision("auto", plan.device, bf16_parity=parity["bf16"])[0])
             own = compiled_key(plan) if plan.compile_mode != "off" else plan.precision
             chosen: dict[str, Any] = parity.get(own, {"max_diff": 0.0, "p99_diff": 0.0, "flip_share": 0.0})
         else:  # --no-parity: an untrained learner, no parity figures (profiling runs)
             parity, chosen = {}, dict.fromkeys(("max_diff", "p99_diff", "flip_share"))
         result["parity"] = parity
+        result.update({"arch": plan.arch, "device": plan.device, "device_name": _device_name(plan.device),
+                       "image_size": plan.size, "max_batch": plan.max_batch, "max_wait_ms": plan.max_wait_ms,
+                       "images": plan.images, "baseline_images": plan.baseline_images, "rounds": plan.rounds,
+                       "precision": plan.precision, "precision_setting": plan.precision_setting,
+                       "compile": plan.compile_mode, "learner": plan.learner or "trained here",
+                       "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024})
         for key in ("max_diff", "p99_diff", "flip_share"):
             result[f"parity_{key}"] = chosen[key]
-        stack.register_champion(learner)
+        # With its bf16 record, as a retrain registers a model: the workers resolve "auto" from it themselves.
+        stack.register_champion(learner, **({PARITY_KEY: {"bf16": parity["bf16"]}} if parity else {}))
         phases = measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]])
         limit = Limit(plan, learn)
         phases["limit_img_s"] = limit.img_s
@@ -575,6 +597,9 @@ def bench(
                                                "empty: SQLite in a temporary folder.")] = "",
     profile: Annotated[Path | None, typer.Option(help="Profile the worker over the end-to-end rounds (py-spy and "
                                                       "per-thread CPU) into this folder.")] = None,
+    learner: Annotated[Path | None, typer.Option(help="Measure this exported learner (export.pkl) instead of one "
+                                                      "trained here; its architecture and input size are its own.")]
+    = None,
 ) -> None:
     """Measure the tagging worker: per-image predict, fastai batched, the model's limit, end to end, latency."""
     if rounds < MIN_ROUNDS:
@@ -587,12 +612,17 @@ def bench(
         raise typer.BadParameter(f"one of {', '.join(PRECISIONS)}", param_hint="--precision")
     if compile_mode not in COMPILE_MODES:
         raise typer.BadParameter(f"one of {', '.join(COMPILE_MODES)}", param_hint="--compile")
+    if learner is not None and not learner.is_file():
+        from shared.errors import UserError
+
+        raise UserError(f"--learner {learner} is not a file; pass an export.pkl written by learn.export()")
     plan = make_plan(arch=arch, images=images, quick=quick, max_batch=max_batch, max_wait_ms=max_wait_ms,
                      device=device, rounds=rounds, precision=precision, compile_mode=compile_mode,
-                     variants=tuple(parse_variant(v) for v in variant))
+                     variants=tuple(parse_variant(v) for v in variant), learner=str(learner or ""))
     if not parity:
         plan = replace(plan, parity_images=0)
     result = run_bench(plan, redis_url=redis.rstrip("/"), pg_admin_url=postgres, profile_dir=profile)
-    report(plan, result)
+    # What was measured: the learner's own architecture and size, auto resolved with its parity.
+    report(replace(plan, arch=result["arch"], size=result["image_size"], precision=result["precision"]), result)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")

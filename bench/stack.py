@@ -186,12 +186,20 @@ class Stack:
     def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return stilltag(self.env, *args, **kw)
 
-    def register_champion(self, learner: Path) -> None:
-        """``db upgrade``, then ``models register --promote`` a copy of ``learner``."""
+    def register_champion(self, learner: Path, **metrics) -> None:
+        """``db upgrade``, then ``models register --promote`` a copy of ``learner``; ``metrics`` (such as
+        a bf16 parity record) are stored with the version, as a retrain stores its own."""
         self.cli("db", "upgrade")
         artifact = self.root / "export.pkl"
         shutil.copyfile(learner, artifact)
         self.cli("models", "register", str(artifact), "--promote")
+        if metrics:
+            from shared import registry
+            from shared.db import session_factory, transaction
+
+            with transaction(session_factory(self.engine())) as session:
+                registry.add_metrics(session=session, version=registry.champion_version(session=session) or "",
+                                     **metrics)
 
     def worker(self, name: str = "worker", **kw) -> WorkerProcess:
         """A started ``stilltag worker`` (``kw`` as for :class:`WorkerProcess`), logging to ``root/name.log``."""

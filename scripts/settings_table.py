@@ -62,6 +62,7 @@ EXAMPLES: dict[str, str] = {
     "train_epochs_unfrozen": "10",
     "train_patience": "3",
     "train_min_tag_images": "50",
+    "train_parity_images": "0",
     "holdout_pct": "5",
     "holdout_seed": "holdout-2025",
     "dataset_query": "SELECT id AS image_id, tags FROM stills WHERE tags <> ''",

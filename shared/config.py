@@ -80,7 +80,8 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     inference_precision: str = Field(
         default="auto",
-        description="fp32, bf16, fp16 or auto (fp16 autocast on a GPU, fp32 on a CPU).",
+        description="fp32, bf16, fp16 or auto (fp16 autocast on a GPU; on a CPU, bf16 where it is native and the "
+                    "model's own bf16 parity record holds, else fp32).",
     )
     inference_compile: str = Field(
         default="off",
@@ -173,6 +174,11 @@ class Settings(BaseSettings):
     train_epochs_unfrozen: int = Field(default=5, ge=0)
     train_patience: int = Field(default=2, ge=1, description="Epochs without a better valid loss before stopping.")
     train_min_tag_images: int = Field(default=10, ge=1, description="Tags on fewer images are left out.")
+    train_parity_images: int = Field(
+        default=256, ge=0, le=100_000,
+        description="Validation and holdout pictures run again under bf16 to decide whether tagging workers may serve "
+                    "the model in bf16 (auto); 0: not measured, served in fp32. Slow on a CPU without native bf16.",
+    )
     threshold_floor: float = Field(default=0.05, gt=0.0, lt=1.0, description="Per-tag thresholds are at least this.")
     threshold_ceiling: float = Field(default=0.8, gt=0.0, lt=1.0, description="Per-tag thresholds are at most this.")
     threshold_min_positives: int = Field(

@@ -165,6 +165,15 @@ def promote(*, session: Session, version: str, reason: str | None = None) -> Mod
     return get_version(session=session, version=version)
 
 
+def add_metrics(*, session: Session, version: str, **items) -> ModelVersion:
+    """Store ``items`` in a version's ``metrics`` (e.g. a bf16 parity record measured after it was
+    registered), keeping the rest."""
+    target = get_version(session=session, version=version)
+    session.execute(sa.update(model_versions).where(model_versions.c.version == version)
+                    .values(metrics={**(target.metrics or {}), **items}))
+    return get_version(session=session, version=version)
+
+
 def set_candidate_reason(*, session: Session, version: str, reason: str) -> None:
     session.execute(sa.update(model_versions).where(model_versions.c.version == version).values(reason=reason))
 

@@ -66,7 +66,7 @@ def train_now(settings, overrides: dict) -> None:
 
 
 def show_version(version: str) -> None:
-    from shared import registry
+    from shared import parity, registry
     from shared.config import get_settings
     from shared.runtime import Runtime
     from training.report import INDEX, REPORT_DIR
@@ -104,6 +104,11 @@ def show_version(version: str) -> None:
                           f"{rule.get('min_positives', '?')} positives, global threshold):")
             for tag, t in sorted(thresholds.items()):
                 console.print(f"    {tag:<24} {t:.3f}{' *' if tag in fallback else ''}", markup=False)
+        bf16 = parity.recorded_bf16(m)
+        console.print(f"  bf16:     {parity.describe(bf16)}" + (
+            f" on {bf16.get('images', '?')} images against fp32: "
+            f"{'may' if parity.within_limits(bf16) else 'may not'} be served in bf16 (auto, on a CPU with native bf16)"
+            if isinstance(bf16, dict) else ": served in fp32 on a CPU under auto"), markup=False)
         if "train_seconds" in m:
             console.print(f"  training: {len(m.get('epochs', []))} epochs in {m['train_seconds']:.0f}s on "
                           f"{m.get('device', '?')}, lr {m.get('lr', 0):.2e}, image size {m.get('image_size', '-')}")

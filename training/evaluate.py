@@ -120,7 +120,8 @@ def score(probs: np.ndarray, truth: np.ndarray, vocab: list[str], *, threshold: 
 PREDICT_CHUNK_IMAGES = 256  # pictures held in memory at a time when they are read here
 
 
-def predict(learn, examples: list[Example], *, read: Callable[[Example], Any] | None = None) -> np.ndarray:
+def predict(learn, examples: list[Example], *, read: Callable[[Example], Any] | None = None,
+            cbs: list | None = None) -> np.ndarray:
     """Probabilities ``(images, tags)`` through the learner's validation pipeline.
 
     Args:
@@ -129,6 +130,7 @@ def predict(learn, examples: list[Example], *, read: Callable[[Example], Any] | 
             (``test_dl(rm_type_tfms=1)``), so any exported learner can be scored on the same
             pictures, however it read its training images (a hand-registered champion too).
             Not given, the learner reads them with its ``get_x``.
+        cbs: fastai callbacks for ``get_preds`` (``bf16_parity``'s autocast).
     """
     if not examples:
         return np.zeros((0, len(learn.dls.vocab)), dtype=np.float32)
@@ -141,9 +143,40 @@ def predict(learn, examples: list[Example], *, read: Callable[[Example], Any] | 
         else:
             dl = learn.dls.test_dl([read(ex) for ex in items], rm_type_tfms=1, num_workers=0)
         with learn.no_bar():
-            probs, _ = learn.get_preds(dl=dl)
+            probs, _ = learn.get_preds(dl=dl, cbs=cbs)
         parts.append(probs.float().numpy())
     return np.concatenate(parts)
+
+
+def bf16_parity(learn, examples: list[Example], fp32_probs: np.ndarray, *, cut: np.ndarray | float,
+                images: int, device: str = "cpu", read: Callable[[Example], Any] | None = None) -> dict:
+    """bf16 autocast against fp32 on the first ``images`` of ``examples``, whose fp32
+    probabilities are ``fp32_probs`` (``predict``'s): ``shared.parity.figures``, with the pictures
+    counted and the device they ran on. Stored with the model version; a tagging worker's ``auto``
+    serves in bf16 only a model whose record is within the limits."""
+    import torch
+    from fastai.callback.core import Callback
+
+    from shared import parity
+
+    class Autocast(Callback):
+        """The model alone under autocast, as in the tagging worker: the batch transforms before it
+        (``Normalize``) stay fp32 (under autocast they differed by up to 0.14 and tripled the figures),
+        and the logits go to the activation as fp32. (fastai's ``MixedPrecision`` is CUDA-only.)"""
+
+        order = 10
+
+        def before_batch(self):
+            self.amp = torch.autocast(device, dtype=torch.bfloat16)
+            self.amp.__enter__()
+
+        def after_pred(self):  # a test batch has no loss, so its autocast ends here
+            self.amp.__exit__(None, None, None)
+            self.learn.pred = self.pred.float()
+
+    n = min(len(examples), images)
+    reduced = predict(learn, examples[:n], read=read, cbs=[Autocast()])
+    return {**parity.figures(fp32_probs[:n], reduced, cut), "images": n, "device": device}
 
 
 def evaluate(learn, examples: list[Example], *, threshold: float) -> Evaluation:

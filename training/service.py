@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from shared import registry
+from shared import parity, registry
 from shared.config import Settings, get_settings
 from shared.constants import TRAINING_QUEUE
 from shared.db import transaction
@@ -106,6 +106,11 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                 thresholds, decision = judged.thresholds, judged.decision
                 log.info("holdout F2 %.4f at threshold %g, %.4f with per-tag thresholds, on %d images",
                          evaluation.f2, settings.threshold, per_tag_eval.f2, evaluation.n_images)
+                bf16 = judged.bf16_parity
+                bf16_line = ("not measured (STILLTAG_TRAIN_PARITY_IMAGES=0): served in fp32 under auto" if bf16 is None
+                             else f"{parity.describe(bf16)} on {bf16['images']} images: "
+                                  f"{'within' if bf16['within_limits'] else 'outside'} the limits for serving in bf16")
+                log.info("bf16 against fp32: %s", bf16_line)
                 summary = {
                     "arch": settings.train_arch, "pretrained": settings.train_pretrained,
                     "weights": settings.train_weights or ("ImageNet" if settings.train_pretrained else "none"),
@@ -122,6 +127,7 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                     "snapshot_at": dataset.snapshot_at.isoformat(timespec="seconds"),
                     "training time (s)": round(run.seconds, 1),
                     "gate": decision.reason,
+                    "bf16 against fp32": bf16_line,
                 }
                 files = write_report(Path(tmp) / "report", summary=summary, evaluation=evaluation,
                                      epochs=run.epochs, batch_losses=run.batch_losses, lr_find=run.lr_find, lr=run.lr,
@@ -134,6 +140,7 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                     "image_size": settings.train_image_size, "pretrained": settings.train_pretrained,
                     "dropped_tags": dataset.dropped_tags, "groups": dataset.groups,
                     "f2_per_tag_thresholds": per_tag_eval.f2, **thresholds.record(), "gate": decision.record(),
+                    **({parity.METRICS_KEY: {"bf16": bf16}} if bf16 is not None else {}),
                 }
                 _emit(progress, "stage", name="register", detail=str(settings.model_store))
                 with transaction(rt.sessions) as session:
@@ -163,6 +170,7 @@ class Judged(NamedTuple):
     decision: Decision
     holdout_probs: np.ndarray
     read: Callable  # reads a picture, as both models were scored with
+    bf16_parity: dict | None  # bf16 against fp32 on validation and holdout pictures (shared.parity); None: off
 
 
 def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
@@ -170,7 +178,7 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
     against the champion scored on the same holdout pictures."""
     from shared.learner_parts import ImageFromStore
     from training import gate, thresholds
-    from training.evaluate import predict, score, targets
+    from training.evaluate import bf16_parity, cutoffs, predict, score, targets
 
     settings = rt.settings
     vocab = [str(t) for t in run.learn.dls.vocab]
@@ -186,6 +194,15 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
     per_tag_eval = score(holdout_probs, truth, vocab, threshold=settings.threshold,
                          per_tag_thresholds=chosen.as_dict())
     served = per_tag_eval if settings.thresholds == "per_tag" else evaluation
+    # Whether this model may be served in bf16 (a tagging worker's "auto" on a CPU with native bf16):
+    # decisions counted at the cutoffs the website will get.
+    import numpy as np
+
+    bf16 = None if not settings.train_parity_images else bf16_parity(
+        run.learn, [*dataset.valid, *dataset.holdout], np.concatenate([valid_probs, holdout_probs]),
+        cut=cutoffs(vocab, threshold=settings.threshold,
+                    per_tag=chosen.as_dict() if settings.thresholds == "per_tag" else None),
+        images=settings.train_parity_images, device=run.device, read=read)
     with rt.sessions() as session:
         champion = registry.champion(session=session)
     decision = gate.judge(
@@ -196,7 +213,7 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
             record, store=rt.model_store, cache_dir=rt.model_cache_dir, holdout=dataset.holdout, read=read,
             cpu=run.device != "cuda"),
     )
-    return Judged(evaluation, per_tag_eval, chosen, decision, holdout_probs, read)
+    return Judged(evaluation, per_tag_eval, chosen, decision, holdout_probs, read, bf16)
 
 
 def _log_progress(event: str, fields: dict) -> None:

@@ -26,7 +26,8 @@ ENQUEUE_TO_COMMIT = Histogram(
     "From the website's enqueue (the optional stilltag_enqueued_at header) to the commit of its rows.",
     buckets=LATENCY_BUCKETS_S,
 )
-MODEL_INFO = Gauge("stilltag_model_info", "The model this worker tags with (value 1).", ["version", "arch", "device"])
+MODEL_INFO = Gauge("stilltag_model_info", "The model this worker tags with (value 1).",
+                   ["version", "arch", "device", "precision"])
 MODEL_SWITCHES = Counter("stilltag_model_switches", "Switches to a new champion without a restart.")
 RECONNECTS = Counter("stilltag_broker_reconnects", "Broker connections lost and made again.")
 BATCH_FAILURES = Counter("stilltag_batch_failures", "Batches that did not commit (their messages went back).")
@@ -38,6 +39,6 @@ for state in ("tagged", "failed"):  # present from the start, so rate() works fr
     IMAGES.labels(state)
 
 
-def set_model(version: str, arch: str, device: str) -> None:
+def set_model(version: str, arch: str, device: str, precision: str) -> None:
     MODEL_INFO.clear()
-    MODEL_INFO.labels(version=version, arch=arch, device=device).set(1)
+    MODEL_INFO.labels(version=version, arch=arch, device=device, precision=precision).set(1)

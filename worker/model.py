@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from shared import parity
 from shared.learner_pickle import arch_name, resolve_device  # noqa: F401 (resolve_device: worker API)
 from worker.preprocess import Preprocessing, decode_jpegs, squish_tensor
 
@@ -65,23 +66,50 @@ def preprocessing_of(learn) -> tuple[Preprocessing, tuple[list[float], list[floa
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # what "auto" resolves to, one of these
+# Flags of a CPU that computes bf16 natively (AVX512-BF16, AMX); without them oneDNN emulates
+# bf16 and autocast is slower than fp32.
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """``STILLTAG_INFERENCE_PRECISION`` on this device: auto → fp16 on a GPU, fp32 on a CPU."""
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU advertises native bf16 (Linux ``/proc/cpuinfo`` flags; elsewhere: no)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[-1].split())
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def resolve_precision(precision: str, device: str, *, bf16_parity: dict | None = None,
+                      native_bf16: bool | None = None) -> tuple[str, str]:
+    """``STILLTAG_INFERENCE_PRECISION`` for this model on this device, and why, in a few words.
+
+    ``auto``: fp16 on a GPU; on a CPU, bf16 where the CPU computes it natively and the model's own
+    bf16 parity record (``bf16_parity``, measured by the retrain that made it: ``shared.parity``)
+    is within the limits; fp32 otherwise. Whether bf16 is close enough to fp32 depends on the model:
+    on one CPU it held for the demo's learner and failed for the benchmark's (README, "Precision").
+    ``native_bf16``: given by tests; read from the CPU when None.
+    """
     if precision != "auto":
         if precision not in PRECISIONS:
             raise ValueError(f"inference precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
-        return precision
+        return precision, "set"
     if device.startswith("cuda"):
         # fp16 rather than bf16: against fp32 it was ten times closer in every parity run (README,
         # "Precision"), and bf16's 99th percentile was above the 0.005 a default may have.
-        return "fp16"
-    # Not bf16, even on a CPU that computes it natively (AVX512-BF16, AMX): measured on one, bf16
-    # against fp32 on the benchmark's trained learner had a 99th percentile of 0.0107 and flipped
-    # 0.17 % of the decisions, over the 0.005 and 0.1 % a default may have (README, "Precision").
-    # Without native support oneDNN emulates it and it is slower than fp32 anyway.
-    return "fp32"
+        return "fp16", "auto: a GPU"
+    if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+        return "fp32", "auto: this CPU has no native bf16"
+    if bf16_parity is None:
+        return "fp32", "auto: the model has no bf16 parity record (registered by hand, or before it was measured)"
+    if not parity.within_limits(bf16_parity):
+        return "fp32", f"auto: the model's bf16 parity is outside the limits ({parity.describe(bf16_parity)})"
+    return "bf16", f"auto: native bf16, and the model's bf16 parity is within the limits ({parity.describe(bf16_parity)})"
 
 
 @dataclass
@@ -97,7 +125,7 @@ class TaggingModel:
     """One loaded learner: call ``predict(pixels)`` with a ``(n, h, w, 3)`` uint8 array."""
 
     def __init__(self, learn, *, version: str, device: str, precision: str = "fp32", compile_mode: str = "off",
-                 compile_batch: int | tuple[int, ...] = 0):
+                 compile_batch: int | tuple[int, ...] = 0, bf16_parity: dict | None = None):
         import torch
 
         self.version = version
@@ -113,7 +141,7 @@ class TaggingModel:
             self.mean = torch.tensor(stats[0], device=self.device).view(1, -1, 1, 1)
             self.std = torch.tensor(stats[1], device=self.device).view(1, -1, 1, 1)
         self.cuda = self.device.type == "cuda"
-        self.precision = resolve_precision(precision, str(self.device))
+        self.precision, self.precision_reason = resolve_precision(precision, str(self.device), bf16_parity=bf16_parity)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # The host → device copy of the next batch runs on its own stream, so it overlaps the forward
         # pass of the one before it (worker/service.py stages a batch as soon as it is decoded).

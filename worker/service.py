@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared import registry
+from shared import parity, registry
 from shared.config import Settings, get_settings
 from shared.db import transaction
 from shared.runtime import Runtime
@@ -109,12 +109,13 @@ class Tagger:
         model = TaggingModel.load(path, version=record.version, device=self.device,
                                   precision=self.settings.inference_precision,
                                   compile_mode=self.settings.inference_compile,
-                                  compile_batch=(self.settings.max_batch, self.upload_fill))  # full, upload's
-        log.info("loaded model %s (%s, %d tags) on %s at %s in %.1f s", record.version, model.arch, len(model.vocab),
-                 self.device, model.precision, time.perf_counter() - t0)
+                                  compile_batch=(self.settings.max_batch, self.upload_fill),  # full, upload's
+                                  bf16_parity=parity.recorded_bf16(record.metrics))
+        log.info("loaded model %s (%s, %d tags) on %s at %s (%s) in %.1f s", record.version, model.arch,
+                 len(model.vocab), self.device, model.precision, model.precision_reason, time.perf_counter() - t0)
         self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))
         old, self.model = self.model, model
-        metrics.set_model(model.version, model.arch, str(self.device))
+        metrics.set_model(model.version, model.arch, str(self.device), model.precision)
         if old is not None:
             old.release()
         return model

@@ -13,6 +13,7 @@ from bench.stack import stilltag
 from demo.synthetic import VOCAB
 from shared.config import ENV_PREFIX
 from tests.conftest import REDIS_HOST_URL
+from worker.model import resolve_precision
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -58,13 +59,18 @@ def test_quick_bench_writes_every_measure(tmp_path):
     assert "load average" in done.stdout
 
     # Precision and parity: each reduced mode against fp32 on the (briefly trained) learner.
-    assert result["precision"] == "fp32"  # auto on a CPU, native bf16 or not (README, "Precision")
+    # auto: bf16 only on a CPU with native bf16 and for a learner whose bf16 parity holds (README,
+    # "Precision"); the worker resolved it for itself from the record stored with the champion.
+    expected = resolve_precision("auto", "cpu", bf16_parity=result["parity"]["bf16"])[0]
+    assert (result["precision_setting"], result["precision"], result["worker_precision"]) == ("auto", expected, expected)
     for precision in ("bf16", "fp16"):
         fig = result["parity"][precision]
         assert fig["decisions"] == 16 * len(VOCAB) and 0 <= fig["flips"] <= fig["decisions"], precision
         assert 0 < fig["p99_diff"] <= fig["max_diff"] < 0.1, precision
         assert fig["flip_share"] == fig["flips"] / fig["decisions"], precision
-    assert (result["parity_max_diff"], result["parity_p99_diff"], result["parity_flip_share"]) == (0, 0, 0)
+    own = result["parity"].get(expected, {"max_diff": 0, "p99_diff": 0, "flip_share": 0})  # fp32: 0
+    assert (result["parity_max_diff"], result["parity_p99_diff"], result["parity_flip_share"]) == (
+        own["max_diff"], own["p99_diff"], own["flip_share"])
 
     # The worker's profile over the end-to-end rounds: CPU per thread from /proc, stages from py-spy.
     profile = result["profile"]
@@ -80,3 +86,11 @@ def test_quick_bench_writes_every_measure(tmp_path):
     gil_samples, _ = read_raw(tmp_path / "profile" / "pyspy-gil.txt")
     assert sum(gil_samples.values()) > 0, stages
     assert "CPU seconds by thread" in done.stdout
+
+
+def test_a_learner_that_is_not_a_file_is_refused_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    done = stilltag(env, "bench", "--quick", "--learner", str(tmp_path / "nope.pkl"), check=False)
+    assert done.returncode != 0
+    assert "nope.pkl is not a file; pass an export.pkl written by learn.export()" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

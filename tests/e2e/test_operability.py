@@ -120,7 +120,7 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
         assert tagger.metric('stilltag_images_total{state="tagged"}') == 40
         assert tagger.metric("stilltag_enqueue_to_commit_seconds_count") == 40
         assert tagger.metric("stilltag_queue_wait_seconds_count") == 40
-        assert 'stilltag_model_info{arch="resnet18",device="cpu",version="v1"} 1.0' in metrics
+        assert 'stilltag_model_info{arch="resnet18",device="cpu",precision="fp32",version="v1"} 1.0' in metrics
         assert 'stilltag_queue_length{queue="tagging"}' in metrics
         assert 'stilltag_retrain_runs_total{outcome="failed"} 0.0' in trainer.probe("/metrics")[1]
 

@@ -4,6 +4,7 @@ CLI, the ``training`` queue on real Redis consumed by a real training worker pro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from bench.stack import poll_until
 from bench.stack import stilltag as run_stilltag
 from demo.synthetic import VOCAB, make_pictures
-from shared import registry
+from shared import parity, registry
 from shared.config import get_settings
 from shared.constants import RETRAIN_LOCK_KEY, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.db import model_versions, transaction
@@ -96,11 +97,19 @@ def check_trained_version(settings, version: str) -> None:
     assert set(v.metrics["per_tag"]) == set(VOCAB)
     assert {"precision", "recall", "f2", "support"} <= set(v.metrics["per_tag"]["circle"])
     assert [e["phase"] for e in v.metrics["epochs"]] == ["frozen", "unfrozen"]
+    # bf16 against fp32 on the validation and holdout pictures: what a worker's "auto" reads.
+    bf16 = v.metrics["precision_parity"]["bf16"]
+    measured = min(v.metrics["valid_size"] + v.metrics["holdout_size"], settings.train_parity_images)
+    assert (bf16["images"], bf16["decisions"], bf16["device"]) == (measured, measured * len(VOCAB), "cpu")
+    assert 0 < bf16["max_diff"] <= 0.05 and bf16["p99_diff"] <= bf16["max_diff"]
+    assert bf16["within_limits"] == parity.within_limits(bf16)
     for name in REPORT_FILES:
         path = Path(store.location(f"{version}/report/{name}"))
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == PNG_MAGIC
+    history = json.loads(Path(store.location(f"{version}/report/history.json")).read_text())
+    assert history["summary"]["bf16 against fp32"].startswith(f"{parity.describe(bf16)} on {measured} images: ")
 
 
 def check_learner_loads(settings, version: str) -> None:
@@ -174,6 +183,10 @@ def test_retrain_queue_gate_promote_rollback(make_settings, pg_url, redis_url, c
     show = cli(settings, "models", "show", "v1")
     assert show.exit_code == 0 and "holdout:  F2" in show.output and "report/index.html" in show.output
     assert "with per-tag thresholds" in show.output and "thresholds per tag" in show.output
+    bf16 = record(settings, "v1").metrics["precision_parity"]["bf16"]
+    verdict = "may" if bf16["within_limits"] else "may not"
+    assert f"  bf16:     {parity.describe(bf16)} on {bf16['images']} images against fp32: {verdict} be served" \
+        in show.output, show.output
     assert all(re.search(rf"^\s+{tag}\s+0\.\d{{3}}", show.output, re.M) for tag in VOCAB), show.output
 
     # 2. A champion's recorded F2 is not what the gate compares with: make it unbeatable on record.
@@ -237,14 +250,19 @@ def test_retrain_queue_gate_promote_rollback(make_settings, pg_url, redis_url, c
 
 
 @pytest.mark.timeout(600)
-def test_retrain_with_no_server(make_settings, cli):
-    """The embedded default: SQLite, local folders, the file-system broker and a file lock."""
+def test_retrain_with_no_server(make_settings, cli, monkeypatch):
+    """The embedded default: SQLite, local folders, the file-system broker and a file lock; here
+    without the bf16 measure (STILLTAG_TRAIN_PARITY_IMAGES=0)."""
     settings = make_settings(**{**SMALL_RUN, "train_epochs_frozen": 0})
     seed_website(settings, N_IMAGES)
+    monkeypatch.setenv("STILLTAG_TRAIN_PARITY_IMAGES", "0")
     result = cli(settings, "train", "--now", "--epochs-frozen", "0")
     assert result.exit_code == 0, result.output
     v1 = record(settings, "v1")
     assert v1.status == "champion" and [e["phase"] for e in v1.metrics["epochs"]] == ["unfrozen"]
+    assert "precision_parity" not in v1.metrics  # a tagging worker's auto serves it in fp32
+    show = cli(settings, "models", "show", "v1")
+    assert "  bf16:     not measured: served in fp32 on a CPU under auto" in show.output, show.output
     assert Path(Runtime(settings).model_store.location("v1/report/index.html")).is_file()
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from shared.config import COMPILE_MODES, PRECISIONS, Settings
-from worker.model import resolve_precision
+from worker.model import cpu_has_native_bf16, resolve_precision
 
 
 def test_defaults(tmp_path):
@@ -44,15 +44,51 @@ def test_environment_names(monkeypatch, tmp_path):
     assert (s.inference_precision, s.gpu_decode) == ("bf16", True)
 
 
-def test_auto_on_a_cpu_is_fp32():
-    # bf16 fails the parity a default must hold, also where the CPU computes it natively (README,
-    # "Precision"): it is there for whoever sets it.
-    assert resolve_precision("auto", "cpu") == "fp32"
+WITHIN = {"max_diff": 0.0079, "p99_diff": 0.0041, "flip_share": 0.0, "decisions": 729, "flips": 0}
+OUTSIDE = {"max_diff": 0.0155, "p99_diff": 0.0107, "flip_share": 0.0017, "decisions": 576, "flips": 1}
+
+
+def test_auto_on_a_native_bf16_cpu_serves_bf16_only_a_model_whose_record_holds():
+    assert resolve_precision("auto", "cpu", bf16_parity=WITHIN, native_bf16=True)[0] == "bf16"
+    precision, why = resolve_precision("auto", "cpu", bf16_parity=OUTSIDE, native_bf16=True)
+    assert precision == "fp32" and "outside the limits (max 0.0155, p99 0.0107, 1 of 576 decisions flipped)" in why
+    precision, why = resolve_precision("auto", "cpu", native_bf16=True)  # registered by hand: never measured
+    assert precision == "fp32" and "no bf16 parity record" in why
+
+
+@pytest.mark.parametrize("record", [
+    {**WITHIN, "p99_diff": 0.0051},  # each limit on its own
+    {**WITHIN, "max_diff": 0.021},
+    {**WITHIN, "flip_share": 0.0011},
+    {"max_diff": 0.001},  # incomplete
+    {**WITHIN, "p99_diff": "n/a"},  # unreadable
+    "within",
+])
+def test_a_record_outside_any_limit_or_unreadable_keeps_fp32(record):
+    assert resolve_precision("auto", "cpu", bf16_parity=record, native_bf16=True)[0] == "fp32"
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_fp32_whatever_the_record():
+    # oneDNN emulates bf16 there, slower than fp32.
+    precision, why = resolve_precision("auto", "cpu", bf16_parity=WITHIN, native_bf16=False)
+    assert (precision, why) == ("fp32", "auto: this CPU has no native bf16")
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),  # AMD Zen 4, Intel Cooper Lake
+    ("fpu avx2 avx512f amx_bf16 amx_tile", True),  # Intel Sapphire Rapids
+    ("fpu avx2 fma avx512f avx512bw", False),  # AVX-512 without bf16: emulated
+    ("fpu avx2 fma", False),
+])
+def test_native_bf16_is_read_from_the_cpu_flags(flags, native):
+    cpuinfo = f"processor\t: 0\nmodel name\t: some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n"
+    assert cpu_has_native_bf16(cpuinfo) is native
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_explicit_precision_is_kept_on_any_device(precision):
-    assert resolve_precision(precision, "cpu") == precision
+    assert resolve_precision(precision, "cpu", bf16_parity=OUTSIDE) == (precision, "set")
+    assert resolve_precision(precision, "cuda")[0] == precision
 
 
 def test_unknown_precision_in_code_is_refused():
@@ -62,4 +98,4 @@ def test_unknown_precision_in_code_is_refused():
 
 def test_auto_on_a_gpu_is_fp16():
     # Decided by the parity figures (README, "Precision"); resolving needs no GPU.
-    assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1") == "fp16"
+    assert resolve_precision("auto", "cuda")[0] == resolve_precision("auto", "cuda:1", bf16_parity=WITHIN)[0] == "fp16"
