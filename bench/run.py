@@ -302,12 +302,10 @@ def _variant_phase(stack, client, events, image_ids: list[int]) -> Callable[[], 
 
 def served_precision(worker) -> str:
     """The ``precision`` label of a worker's ``stilltag_model_info``."""
-    import re
-
-    found = re.search(r'^stilltag_model_info\{[^}]*precision="([^"]+)"', worker.probe("/metrics")[1], re.M)
-    if found is None:
+    info = worker.model_info()
+    if info is None:
         raise RuntimeError("the worker's /metrics has no stilltag_model_info")
-    return found.group(1)
+    return info["precision"]
 
 
 def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dict[str, Callable[[], float]],

@@ -176,6 +176,8 @@ class Judged(NamedTuple):
 def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
     """Thresholds from the validation split; the holdout scored both ways; the gate's decision
     against the champion scored on the same holdout pictures."""
+    import numpy as np
+
     from shared.learner_parts import ImageFromStore
     from training import gate, thresholds
     from training.evaluate import bf16_parity, cutoffs, predict, score, targets
@@ -196,8 +198,6 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
     served = per_tag_eval if settings.thresholds == "per_tag" else evaluation
     # Whether this model may be served in bf16 (a tagging worker's "auto" on a CPU with native bf16):
     # decisions counted at the cutoffs the website will get.
-    import numpy as np
-
     bf16 = None if not settings.train_parity_images else bf16_parity(
         run.learn, [*dataset.valid, *dataset.holdout], np.concatenate([valid_probs, holdout_probs]),
         cut=cutoffs(vocab, threshold=settings.threshold,

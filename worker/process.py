@@ -76,6 +76,19 @@ class WorkerProcess:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def model_info(self) -> dict[str, str] | None:
+        """The labels of this worker's ``stilltag_model_info`` (version, arch, device, precision), or
+        None before a model is loaded."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, text = self.probe("/metrics")
+        if status != 200:
+            raise RuntimeError(f"/metrics of {self.log_path.name}: {status} {text}")
+        for family in text_string_to_metric_families(text):
+            if family.name == "stilltag_model_info":
+                return next((dict(s.labels) for s in family.samples if s.value == 1), None)
+        return None
+
     def _started(self) -> subprocess.Popen:
         if self.proc is None:
             raise RuntimeError(f"{self.log_path.name}: the worker was never started")

@@ -1,6 +1,5 @@
 """A running tagging worker follows the champion between batches: no restart, nothing lost or doubled."""
 
-import re
 import shutil
 import threading
 import time
@@ -28,8 +27,7 @@ def _rss_mb(pid: int) -> float:
 
 def _model(worker) -> tuple[str | None, float]:
     """The version the worker tags with (``stilltag_model_info``) and how often it has switched."""
-    found = re.search(r'^stilltag_model_info\{[^}]*version="([^"]+)"[^}]*\} 1\.0$', worker.probe("/metrics")[1], re.M)
-    return (found[1] if found else None), worker.metric("stilltag_model_switches_total")
+    return (worker.model_info() or {}).get("version"), worker.metric("stilltag_model_switches_total")
 
 
 def _wait_model(worker, version: str, switches: int, timeout_s: float = 120) -> None:
