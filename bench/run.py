@@ -6,6 +6,8 @@ Measured in one process tree on one machine with one exported learner (README, "
 * fastai batched — ``learn.get_preds(dl=learn.dls.test_dl(images))``;
 * limit — ``TaggingModel.forward`` on a tensor already in memory, at ``max_batch``, with the
   worker's own settings: what no pipeline can beat;
+* decode + forward — the worker's decode pool feeding that model in this process, the next batch
+  decoding beside the forward pass: what end to end can reach where decoding shares the cores;
 * end to end — messages LPUSHed to Redis, a real ``stilltag worker`` process, timed until every
   image's ``stilltag:tagged`` event (sent after commit) has arrived;
 * latency — enqueue → commit for a trickle of uploads, and for one upload behind a burst of backfill;
@@ -237,6 +239,44 @@ class Limit:
         gc.collect()
 
 
+class DecodeAndForward:
+    """The worker's own decode pool (``worker.service.prepare_pool``: its threads, slots and
+    niceness) feeding the limit's model, in this process: each batch's JPEGs decode while the batch
+    before it is in the forward pass, as in a worker, with no broker, database or events. On a CPU
+    the decodes share the forward pass's cores, so this is what end to end can reach on this
+    machine; end to end / this is what the worker's consumer, broker and commits cost."""
+
+    def __init__(self, plan: Plan, limit: Limit, jpegs: list[bytes]):
+        from shared.config import get_settings
+        from worker.service import prepare_pool
+
+        self.plan, self.model, self.jpegs = plan, limit.model, jpegs
+        self.settings = get_settings()  # the environment the benchmark's worker is started with
+        self.pool, self.slots = prepare_pool(self.settings)
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        from worker.preprocess import decode_image
+
+        with self.slots:
+            return decode_image(data, self.model.prep, max_pixels=self.settings.max_image_pixels,
+                                jpeg_decoder=self.settings.jpeg_decoder)
+
+    def img_s(self) -> float:
+        size = self.plan.max_batch
+        batches = [self.jpegs[i:i + size] for i in range(0, len(self.jpegs), size)]
+        t0 = time.perf_counter()
+        futures = [self.pool.submit(self._decode, data) for data in batches[0]]
+        for k in range(len(batches)):
+            pixels = np.stack([f.result() for f in futures])
+            if k + 1 < len(batches):  # the next batch decodes beside this one's forward pass
+                futures = [self.pool.submit(self._decode, data) for data in batches[k + 1]]
+            self.model.predict(pixels)
+        return len(self.jpegs) / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
 # --- end to end -----------------------------------------------------------------------------
 def run_rounds(plan: Plan, phases: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
     """Every phase once per round; the order rotates, so no phase always runs after the same one."""
@@ -400,6 +440,7 @@ def report(plan: Plan, result: dict) -> None:
     rows = [("baseline: learn.predict loop", plan.baseline_images, "baseline_img_s"),
             ("fastai batched: get_preds(test_dl)", plan.images, "fastai_batched_img_s"),
             ("limit: forward at max_batch", None, "limit_img_s"),
+            ("decode + forward: in process, no broker, no DB", plan.images, "decode_and_forward_img_s"),
             ("end to end: Redis → worker → DB", plan.images, "end_to_end_img_s")]
     rows += [(f"variant {name}: {', '.join(f'{k}={v}' for k, v in env)}", plan.images, f"variant_{name}_img_s")
              for name, env in plan.variants]
@@ -543,9 +584,12 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
         phases = measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]])
         limit = Limit(plan, learn)
         phases["limit_img_s"] = limit.img_s
+        in_process = DecodeAndForward(plan, limit, [jpegs[i - base] for i in ids["throughput"]])
+        phases["decode_and_forward_img_s"] = in_process.img_s
         phases.update(start_variants(plan, stack, claims, redis_url, ids))
         samples, latencies = measure_end_to_end(plan, stack, ids, phases, profile_dir)
         result["single_forward_ms"] = limit.single_ms()
+        in_process.close()
         limit.release()
         del learn
         summarise(result, samples)
@@ -560,6 +604,9 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
     # Ratios of medians taken in the same rounds.
     result["end_to_end_vs_limit"] = result["end_to_end_img_s"] / result["limit_img_s"]
     result["end_to_end_vs_baseline"] = result["end_to_end_img_s"] / result["baseline_img_s"]
+    # Where the gap to the limit goes: decoding on the same cores, then the worker's own costs.
+    result["decode_and_forward_vs_limit"] = result["decode_and_forward_img_s"] / result["limit_img_s"]
+    result["end_to_end_vs_decode_and_forward"] = result["end_to_end_img_s"] / result["decode_and_forward_img_s"]
     gpu = plan.device.startswith("cuda")
     result["targets"] = [("end_to_end / limit", result["end_to_end_vs_limit"], 0.80 if gpu else 0.85),
                          ("behind backfill ms", result["behind_backfill_ms"], result["behind_backfill_target_ms"])]

@@ -135,11 +135,10 @@ class TaggingModel:
         self.prep, stats, self.div = preprocessing_of(learn)
         self.activation = getattr(learn.loss_func, "activation", torch.sigmoid)
         self.model = learn.model.eval().to(self.device).to(memory_format=torch.channels_last)
-        if stats is None:
-            self.mean = self.std = None
-        else:
-            self.mean = torch.tensor(stats[0], device=self.device).view(1, -1, 1, 1)
-            self.std = torch.tensor(stats[1], device=self.device).view(1, -1, 1, 1)
+        # fastai's (x / div - mean) / std as one multiply and one add per value, in place.
+        mean = torch.tensor(stats[0] if stats else [0.0], device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(stats[1] if stats else [1.0], device=self.device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1.0 / (self.div * std), -mean / std
         self.cuda = self.device.type == "cuda"
         self.precision, self.precision_reason = resolve_precision(precision, str(self.device), bf16_parity=bf16_parity)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -222,10 +221,11 @@ class TaggingModel:
     def _normalise(self, x):
         import torch
 
-        x = x.to(self.device).permute(0, 3, 1, 2).float().div_(self.div)
-        if self.mean is not None and self.std is not None:
-            x = (x - self.mean) / self.std
-        return x.contiguous(memory_format=torch.channels_last)
+        # NHWC uint8 is NCHW in channels-last memory: one conversion pass into a channels-last
+        # float tensor, then the normalisation in place (half the time of four passes and a copy).
+        x = x.to(self.device).permute(0, 3, 1, 2)
+        out = torch.empty(x.shape, dtype=torch.float32, device=self.device, memory_format=torch.channels_last)
+        return out.copy_(x).mul_(self.scale).add_(self.shift)
 
     def _wait(self, staged: Staged):
         import torch

@@ -80,12 +80,7 @@ class Tagger:
         self._last_poll = 0.0
         self._failed_version: str | None = None  # a champion that would not load, not retried until
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
-        decoders = settings.decode_workers or os.cpu_count() or 1
-        # Fetches are I/O and many run at once; decodes are CPU work and at most ``decoders`` run at
-        # once, so that they do not crowd out the forward pass's threads.
-        self._decode_slots = threading.BoundedSemaphore(decoders)
-        self.pool = ThreadPoolExecutor(settings.fetch_concurrency + decoders, thread_name_prefix="prepare",
-                                       initializer=_lower_priority, initargs=(settings.decode_nice,))
+        self.pool, self._decode_slots = prepare_pool(settings)
         if settings.torch_threads:
             import torch
 
@@ -306,6 +301,17 @@ class Tagger:
         if self.model is not None:
             self.model.release()
         self.runtime.close()
+
+
+def prepare_pool(settings: Settings) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
+    """The fetch/decode threads (at ``decode_nice``) and the decode slots they share.
+
+    Fetches are I/O and many run at once; decodes are CPU work and at most ``decode_workers`` (one
+    per core by default) run at once, so that they do not crowd out the forward pass's threads."""
+    decoders = settings.decode_workers or os.cpu_count() or 1
+    pool = ThreadPoolExecutor(settings.fetch_concurrency + decoders, thread_name_prefix="prepare",
+                              initializer=_lower_priority, initargs=(settings.decode_nice,))
+    return pool, threading.BoundedSemaphore(decoders)
 
 
 def _lower_priority(nice: int | str) -> None:

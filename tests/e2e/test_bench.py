@@ -17,7 +17,7 @@ from worker.model import resolve_precision
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
-RATES = ("baseline_img_s", "fastai_batched_img_s", "limit_img_s", "end_to_end_img_s")
+RATES = ("baseline_img_s", "fastai_batched_img_s", "limit_img_s", "decode_and_forward_img_s", "end_to_end_img_s")
 LATENCIES = ("trickle_p50_ms", "trickle_p95_ms", "behind_backfill_ms")
 
 
@@ -43,6 +43,9 @@ def test_quick_bench_writes_every_measure(tmp_path):
         assert (lo, hi) == (min(rounds), max(rounds)), key
         assert result[key] == sorted(rounds)[1], key
     assert result["end_to_end_vs_limit"] == result["end_to_end_img_s"] / result["limit_img_s"]
+    assert result["decode_and_forward_vs_limit"] == result["decode_and_forward_img_s"] / result["limit_img_s"]
+    assert result["end_to_end_vs_decode_and_forward"] == result["end_to_end_img_s"] / result["decode_and_forward_img_s"]
+    assert "decode +" in done.stdout  # its row
 
     # Uploads behind a backlog: the worst of several, next to its target (two forward passes at max_batch).
     assert 0 < result["behind_backfill_p50_ms"] <= result["behind_backfill_ms"]
