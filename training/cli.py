@@ -108,7 +108,8 @@ def show_version(version: str) -> None:
         console.print(f"  bf16:     {parity.describe(bf16)}" + (
             f" on {bf16.get('images', '?')} images against fp32: "
             f"{'may' if parity.within_limits(bf16) else 'may not'} be served in bf16 (auto, on a CPU with native bf16)"
-            if isinstance(bf16, dict) else ": served in fp32 on a CPU under auto"), markup=False)
+            if isinstance(bf16, dict) else f": served in fp32 on a CPU under auto (`stilltag models measure {v.version}` "
+                                           "measures it)"), markup=False)
         if "train_seconds" in m:
             console.print(f"  training: {len(m.get('epochs', []))} epochs in {m['train_seconds']:.0f}s on "
                           f"{m.get('device', '?')}, lr {m.get('lr', 0):.2e}, image size {m.get('image_size', '-')}")
@@ -177,4 +178,19 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     @models_app.command("show")
     def models_show(version: str) -> None:
         """A version's summary: status, gate reason, holdout scores and where its report is."""
+        show_version(version)
+
+    @models_app.command("measure")
+    def models_measure(version: str) -> None:
+        """Measure a version's bf16 against fp32 on the website's pictures (a retrain does it; a version
+        registered by hand has none, and `auto` serves it in fp32). Workers use it at their next load."""
+        from shared.config import get_settings
+        from shared.runtime import Runtime
+        from training.service import measure_bf16
+
+        rt = Runtime(get_settings())
+        try:
+            measure_bf16(rt, version)
+        finally:
+            rt.close()
         show_version(version)

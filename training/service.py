@@ -216,6 +216,44 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
     return Judged(evaluation, per_tag_eval, chosen, decision, holdout_probs, read, bf16)
 
 
+def measure_bf16(rt: Runtime, version: str) -> dict:
+    """bf16 against fp32 for a registered version (one registered by hand has no record, and
+    ``auto`` serves it in fp32), measured as a retrain measures it: on up to
+    ``STILLTAG_TRAIN_PARITY_IMAGES`` of the website's validation and holdout pictures, at the cutoffs
+    the version is served with, on this machine's CPU. Stored with the version; a tagging worker
+    uses it the next time it loads the version.
+
+    Raises:
+        UserError: the measure is off, the version is unknown, or the website has too few tagged pictures.
+    """
+    from shared.learner_parts import ImageFromStore
+    from shared.learner_pickle import load_learner
+    from training.dataset import export_dataset
+    from training.evaluate import bf16_parity, cutoffs, predict
+
+    settings = rt.settings
+    if not settings.train_parity_images:
+        raise UserError("STILLTAG_TRAIN_PARITY_IMAGES is 0, which turns the bf16 measure off; set it to a "
+                        "number of pictures (256 by default)")
+    with rt.sessions() as session:
+        record = registry.get_version(session=session, version=version)
+        dataset = export_dataset(session=session, settings=settings)
+    examples = [*dataset.valid, *dataset.holdout][: settings.train_parity_images]
+    learn = load_learner(registry.fetch_artifact(store=rt.model_store, record=record, cache_dir=rt.model_cache_dir),
+                         cpu=True)
+    vocab = [str(t) for t in learn.dls.vocab]
+    read = ImageFromStore(settings.image_url, endpoint_url=settings.s3_endpoint_url, max_bytes=settings.max_image_bytes)
+    per_tag = registry.tag_thresholds(record) if settings.thresholds == "per_tag" else None
+    result = bf16_parity(learn, examples, predict(learn, examples, read=read),
+                         cut=cutoffs(vocab, threshold=settings.threshold, per_tag=per_tag),
+                         images=len(examples), device="cpu", read=read)
+    with transaction(rt.sessions) as session:
+        registry.add_metrics(session=session, version=version, **{parity.METRICS_KEY: {"bf16": result}})
+    log.info("%s: bf16 against fp32: %s on %d images: %s the limits for serving in bf16", version,
+             parity.describe(result), result["images"], "within" if result["within_limits"] else "outside")
+    return result
+
+
 def _log_progress(event: str, fields: dict) -> None:
     if event == "stage":
         log.info("retrain: %s — %s", fields.get("name"), fields.get("detail", ""))

@@ -106,7 +106,8 @@ def resolve_precision(precision: str, device: str, *, bf16_parity: dict | None =
     if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
         return "fp32", "auto: this CPU has no native bf16"
     if bf16_parity is None:
-        return "fp32", "auto: the model has no bf16 parity record (registered by hand, or before it was measured)"
+        return "fp32", ("auto: the model has no bf16 parity record (registered by hand?"
+                        " `stilltag models measure VERSION` measures it)")
     if not parity.within_limits(bf16_parity):
         return "fp32", f"auto: the model's bf16 parity is outside the limits ({parity.describe(bf16_parity)})"
     return "bf16", f"auto: native bf16, and the model's bf16 parity is within the limits ({parity.describe(bf16_parity)})"

@@ -24,6 +24,7 @@ from shared import parity, registry
 from shared.config import get_settings
 from shared.constants import RETRAIN_LOCK_KEY, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.db import model_versions, transaction
+from shared.errors import UserError
 from shared.registry import sha256_file
 from shared.runtime import Runtime
 from tests.learners import seed_website
@@ -264,6 +265,20 @@ def test_retrain_with_no_server(make_settings, cli, monkeypatch):
     show = cli(settings, "models", "show", "v1")
     assert "  bf16:     not measured: served in fp32 on a CPU under auto" in show.output, show.output
     assert Path(Runtime(settings).model_store.location("v1/report/index.html")).is_file()
+
+    # Measured afterwards, as for a version registered by hand: refused while the measure is off,
+    # then on the website's validation and holdout pictures.
+    with pytest.raises(UserError, match="STILLTAG_TRAIN_PARITY_IMAGES is 0"):
+        cli(settings, "models", "measure", "v1")
+    monkeypatch.setenv("STILLTAG_TRAIN_PARITY_IMAGES", "20")
+    measured = cli(settings, "models", "measure", "v1")
+    assert measured.exit_code == 0, measured.output
+    v1 = record(settings, "v1")
+    bf16 = v1.metrics["precision_parity"]["bf16"]
+    assert (bf16["images"], bf16["decisions"], bf16["device"]) == (20, 20 * len(v1.vocab), "cpu")
+    assert 0 < bf16["max_diff"] <= 0.05 and bf16["within_limits"] == parity.within_limits(bf16)
+    assert v1.metrics["epochs"] and v1.status == "champion"  # the rest of the record is kept
+    assert f"  bf16:     {parity.describe(bf16)} on 20 images against fp32" in measured.output, measured.output
 
 
 def test_a_retrain_while_another_holds_the_redis_lock_is_skipped(make_settings, redis_url, cli):
