@@ -255,11 +255,10 @@ class DecodeAndForward:
         self.pool, self.slots = prepare_pool(self.settings)
 
     def _decode(self, data: bytes) -> np.ndarray:
-        from worker.preprocess import decode_image
+        from worker.service import decode
 
         with self.slots:
-            return decode_image(data, self.model.prep, max_pixels=self.settings.max_image_pixels,
-                                jpeg_decoder=self.settings.jpeg_decoder)
+            return decode(self.settings, data, self.model.prep)
 
     def img_s(self) -> float:
         size = self.plan.max_batch

@@ -108,8 +108,7 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                          evaluation.f2, settings.threshold, per_tag_eval.f2, evaluation.n_images)
                 bf16 = judged.bf16_parity
                 bf16_line = ("not measured (STILLTAG_TRAIN_PARITY_IMAGES=0): served in fp32 under auto" if bf16 is None
-                             else f"{parity.describe(bf16)} on {bf16['images']} images: "
-                                  f"{'within' if bf16['within_limits'] else 'outside'} the limits for serving in bf16")
+                             else _bf16_verdict(bf16))
                 log.info("bf16 against fp32: %s", bf16_line)
                 summary = {
                     "arch": settings.train_arch, "pretrained": settings.train_pretrained,
@@ -249,9 +248,14 @@ def measure_bf16(rt: Runtime, version: str) -> dict:
                          images=len(examples), device="cpu", read=read)
     with transaction(rt.sessions) as session:
         registry.add_metrics(session=session, version=version, **{parity.METRICS_KEY: {"bf16": result}})
-    log.info("%s: bf16 against fp32: %s on %d images: %s the limits for serving in bf16", version,
-             parity.describe(result), result["images"], "within" if result["within_limits"] else "outside")
+    log.info("%s: bf16 against fp32: %s", version, _bf16_verdict(result))
     return result
+
+
+def _bf16_verdict(record: dict) -> str:
+    """``max 0.0059, p99 0.0043, 0 of 729 decisions flipped on 81 images: within the limits for serving in bf16``"""
+    return (f"{parity.describe(record)} on {record['images']} images: "
+            f"{'within' if record['within_limits'] else 'outside'} the limits for serving in bf16")
 
 
 def _log_progress(event: str, fields: dict) -> None:

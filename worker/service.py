@@ -178,7 +178,7 @@ class Tagger:
             fetched_s = time.perf_counter() - t0
             with self._decode_slots:  # the wait for a slot is queueing, not decoding: not timed
                 t1 = time.perf_counter()
-                pixels = self._decode(data, prep)
+                pixels = decode(self.settings, data, prep)
                 metrics.DECODE.observe(fetched_s + time.perf_counter() - t1)
             return Prepared(image_id, prep, pixels=pixels)
         except ImageRejected as exc:
@@ -270,14 +270,9 @@ class Tagger:
         for result in results:
             metrics.IMAGES.labels(result.state).inc()
 
-    def _decode(self, data: bytes, prep: Preprocessing) -> np.ndarray:
-        """``decode_image`` with this worker's pixel cap and JPEG decoder."""
-        return decode_image(data, prep, max_pixels=self.settings.max_image_pixels,
-                            jpeg_decoder=self.settings.jpeg_decoder)
-
     def _decode_on_cpu(self, p: Prepared) -> Prepared:
         try:
-            return Prepared(p.image_id, p.prep, pixels=self._decode(p.jpeg or b"", p.prep))
+            return Prepared(p.image_id, p.prep, pixels=decode(self.settings, p.jpeg or b"", p.prep))
         except ImageRejected as exc:
             return Prepared(p.image_id, p.prep, error=str(exc))
 
@@ -301,6 +296,11 @@ class Tagger:
         if self.model is not None:
             self.model.release()
         self.runtime.close()
+
+
+def decode(settings: Settings, data: bytes, prep: Preprocessing) -> np.ndarray:
+    """``decode_image`` with the worker's pixel cap and JPEG decoder."""
+    return decode_image(data, prep, max_pixels=settings.max_image_pixels, jpeg_decoder=settings.jpeg_decoder)
 
 
 def prepare_pool(settings: Settings) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
