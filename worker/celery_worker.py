@@ -9,7 +9,8 @@ bootsteps:
   the batch in the forward pass is finished and acknowledged, the rest goes back to the queue.
 * ``HoldTaskQueues`` (consumer blueprint) keeps Celery's own task consumer from popping the
   tagging queues. Celery still lists them as the worker's queues (``inspect active_queues``,
-  Flower), sends heartbeats and worker-online/offline events, and answers remote control.
+  Flower), sends heartbeats and worker-online/offline events, and answers remote control;
+  ``route_queue_commands`` sends ``cancel_consumer``/``add_consumer`` to the batching consumer.
 
 Why a thread of our own and not Celery's event loop (a ``ConsumerStep``): a message must be
 popped and recorded as unacknowledged in one atomic step, or a SIGKILL between the two loses it
@@ -23,14 +24,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from celery import bootsteps
 from celery.utils.nodenames import host_format
 from celery.worker import state as worker_state
+from celery.worker.control import Panel, nok
 
 from shared.config import Settings
 from shared.health import all_of, bind, database_check, redis_check, redis_client, register_queue_lengths
-from worker.consumer import BatchConsumer
+from worker.consumer import BatchConsumer, QueueRefused
 from worker.health import Liveness, Watchdog, queue_depth
 from worker.service import Tagger
 
@@ -126,40 +130,50 @@ class TaggingStep(bootsteps.StartStopStep):
 
 class HoldTaskQueues(bootsteps.StartStopStep):
     """Consumer blueprint step: Celery's task consumer keeps the tagging queues (so that Celery's
-    tools list them) but never consumes them; the batching consumer does.
-
-    Celery's remote control reaches the batching consumer through it: ``celery control
-    cancel_consumer backfill`` stops it taking from ``backfill`` (what it holds is still tagged),
-    ``add_consumer backfill`` starts it again, and ``inspect active_queues`` shows which it takes.
-    """
+    tools list them) but never consumes them; the batching consumer does (remote control reaches it
+    through ``route_queue_commands``)."""
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
     label = "stilltag hold task queues"
 
     def start(self, c) -> None:
-        tasks = c.task_consumer
-        tasks.consume = _consume_nothing
-        service: TaggingService | None = getattr(c.controller, "stilltag_service", None)
-        if service is None:
-            return
-        cancel, add = tasks.cancel_by_queue, tasks.add_queue
-
-        def cancel_by_queue(queue: str) -> None:
-            if service.consumer.pause(queue):
-                cancel(queue)  # Celery's own bookkeeping: active_queues no longer lists it
-
-        def add_queue(queue):
-            name = getattr(queue, "name", queue)
-            if not service.consumer.resume(name):
-                raise ValueError(f"a tagging worker takes only the queues it was started with "
-                                 f"({', '.join(service.queues)}), not {name!r}")
-            return add(queue)
-
-        tasks.cancel_by_queue, tasks.add_queue = cancel_by_queue, add_queue
+        c.task_consumer.consume = _consume_nothing
 
 
 def _consume_nothing(*_args, **_kwargs) -> None:
     return None
+
+
+def route_queue_commands() -> None:
+    """Celery's ``cancel_consumer`` and ``add_consumer`` reach a tagging worker's batching consumer.
+
+    ``celery control cancel_consumer backfill`` stops it taking from ``backfill`` (what it holds is
+    still tagged), ``add_consumer backfill`` starts it again, and ``inspect active_queues`` follows
+    (Celery's own bookkeeping runs after ours). A queue it cannot pause or resume (not one it was
+    started with; pausing without the Redis broker) is refused in the reply the operator reads,
+    not only in the worker's log: Celery's commands answer "ok" before they run. Registered in the
+    tagging worker's process only; a worker without the tagging service keeps Celery's behaviour."""
+    for name, action in (("cancel_consumer", "pause"), ("add_consumer", "resume")):
+        celery_command = Panel.data[name]
+        if getattr(celery_command, "stilltag_routed", False):
+            continue
+        Panel.data[name] = _routed(celery_command, action)
+
+
+def _routed(celery_command: Callable[..., dict], action: str) -> Callable[..., dict]:
+    def command(state: Any, queue: str, *args: Any, **kwargs: Any) -> dict:
+        service: TaggingService | None = getattr(state.consumer.controller, "stilltag_service", None)
+        if service is not None:
+            try:
+                getattr(service.consumer, action)(queue)
+            except QueueRefused as exc:
+                log.warning("remote control refused: %s", exc)
+                return nok(str(exc))
+        return celery_command(state, queue, *args, **kwargs)
+
+    command.stilltag_routed = True  # type: ignore[attr-defined]
+    command.__doc__ = celery_command.__doc__
+    return command
 
 
 def run_tagging_worker(settings: Settings, queues: tuple[str, ...], *, loglevel: str = "INFO",
@@ -171,6 +185,7 @@ def run_tagging_worker(settings: Settings, queues: tuple[str, ...], *, loglevel:
     app = create_app(settings)
     app.steps["worker"].add(TaggingStep)
     app.steps["consumer"].add(HoldTaskQueues)
+    route_queue_commands()
     worker = app.Worker(
         pool="solo", concurrency=1, queues=list(queues), loglevel=loglevel,
         hostname=host_format(hostname or f"tagging.{os.getpid()}@%h"),

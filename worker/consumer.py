@@ -150,6 +150,10 @@ class BrokerLost(ConnectionError):
     """An acknowledgement could not reach the broker: reconnect, and settle it on the new connection."""
 
 
+class QueueRefused(ValueError):
+    """A remote control command for a queue this worker cannot pause or resume; says why in one line."""
+
+
 def parse_message(message) -> int:
     """The image ID of a delivered kombu message, or ``BadMessage`` saying why not."""
     if message.content_type != "application/json":
@@ -213,25 +217,26 @@ class BatchConsumer:
         self.last_progress = time.monotonic()
         metrics.LAST_PROGRESS.set_to_current_time()
 
-    def pause(self, queue: str) -> bool:
+    def pause(self, queue: str) -> None:
         """Stop taking from ``queue`` (remote control); what this worker holds is still tagged.
-        False when it is not one of this worker's queues."""
-        if queue not in self.queues:
-            return False
+        ``QueueRefused`` (its reason is the remote control's reply) when it cannot."""
+        self._check_mine(queue)
         if self.settings.broker_scheme not in ("redis", "rediss"):
-            log.warning("cannot stop taking from %s: pausing a queue needs the Redis broker", queue)
-            return False
+            raise QueueRefused(f"cannot stop taking from {queue}: pausing a queue needs the Redis broker")
         self.paused = self.paused | {queue}
         log.info("no longer taking messages from %s (remote control)", queue)
-        return True
 
-    def resume(self, queue: str) -> bool:
-        if queue not in self.queues:
-            return False
+    def resume(self, queue: str) -> None:
+        self._check_mine(queue)
         if queue in self.paused:
             self.paused = self.paused - {queue}
             log.info("taking messages from %s again (remote control)", queue)
-        return True
+
+    def _check_mine(self, queue: str) -> None:
+        if queue not in self.queues:
+            raise QueueRefused(f"a tagging worker takes only the queues it was started with "
+                               f"({', '.join(self.queues)}), not {queue!r}; start a worker for it: "
+                               f"stilltag worker --queues {queue}")
 
     def consuming(self) -> tuple[str, ...]:
         """The queues this worker takes from now."""

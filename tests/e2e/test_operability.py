@@ -159,6 +159,14 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
         stack.wait_for(ids[40:60])
         assert active_queues() == {"tagging", "backfill"}
 
+        # A queue the tagging worker was not started with is refused in the reply, not only in its
+        # log (Celery's own commands answer "ok" before they run), and nothing changes.
+        for command in ("add_consumer", "cancel_consumer"):
+            reply = celery(stack.env, "control", command, "training", "--destination", TAGGER)
+            assert f"{TAGGER}: ERROR" in reply and "takes only the queues it was started with (tagging, backfill), " \
+                "not 'training'; start a worker for it: stilltag worker --queues training" in reply, reply
+        assert active_queues() == {"tagging", "backfill"}
+
         # Remote shutdown mid-work: the batch in the forward pass is finished and acknowledged,
         # everything else the worker holds goes back to the queue at once.
         ids = ids[64:]  # not tagged yet

@@ -203,17 +203,25 @@ def test_a_queue_cancelled_by_remote_control_is_not_work_waiting(clock):
     from types import SimpleNamespace
 
     from shared.config import Settings
-    from worker.consumer import BatchConsumer
+    from worker.consumer import BatchConsumer, QueueRefused
     from worker.health import queue_depth
 
     tagger = SimpleNamespace(settings=Settings(broker_url="redis://127.0.0.1:6379/0"), upload_fill=16)
     consumer = BatchConsumer(tagger, queues=("tagging", "backfill"))
     depth = queue_depth(CountingRedis({"tagging": 0, "backfill": 500}), consumer.consuming)
     assert depth() == 500
-    assert consumer.pause("backfill") and consumer.consuming() == ("tagging",)
+    consumer.pause("backfill")
+    assert consumer.consuming() == ("tagging",)
     assert depth() == 0
-    assert not consumer.pause("training")  # not one of its queues: Celery's bookkeeping is left alone
-    assert consumer.resume("backfill") and depth() == 500
+    for refused in (consumer.pause, consumer.resume):  # not one of its queues: the reply says so
+        with pytest.raises(QueueRefused, match=r"takes only the queues it was started with \(tagging, backfill\), "
+                                               r"not 'training'; start a worker for it: stilltag worker --queues training"):
+            refused("training")
+    assert consumer.consuming() == ("tagging",)
+    consumer.resume("backfill")
+    assert depth() == 500
 
     embedded = BatchConsumer(SimpleNamespace(settings=Settings(broker_url="filesystem://"), upload_fill=16))
-    assert not embedded.pause("backfill")  # only the Redis pop can skip a queue
+    with pytest.raises(QueueRefused, match="pausing a queue needs the Redis broker"):  # only the Redis pop can skip one
+        embedded.pause("backfill")
+    assert embedded.consuming() == ("tagging", "backfill")
