@@ -277,9 +277,10 @@ class BatchConsumer:
             return
         self._next_restore = now + self.settings.restore_interval_s
         qos: Any = getattr(channel, "qos", None)
-        if hasattr(qos, "restore_visible"):  # Redis: return expired unacked messages to their queues
+        limit = getattr(channel, "unacked_restore_limit", None)  # only Redis has a visibility timeout
+        if limit is not None and hasattr(qos, "restore_visible"):  # return expired unacked messages to their queues
             try:
-                qos.restore_visible(num=channel.unacked_restore_limit, interval=1)
+                qos.restore_visible(num=limit, interval=1)
             except Exception:
                 log.exception("could not return expired unacknowledged messages")
 

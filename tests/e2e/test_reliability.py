@@ -99,10 +99,13 @@ def test_embedded_defaults_tag_with_no_server(tmp_path, tiny_learner):
     try:
         for i in (1, 2, 3):
             stack.put_image(i, make_picture(i).jpeg())
-        stack.worker().wait_ready()
+        worker = stack.worker().wait_ready()
         stack.cli("enqueue", "1", "2")
         stack.cli("enqueue", "--queue", "backfill", "3")
         statuses = stack.wait_for([1, 2, 3], timeout_s=60)
         assert {s for s, _, _ in statuses.values()} == {"tagged"}
+        # The consumer loop ran its periodic passes (the restore of expired messages first of all,
+        # which only Redis has) without an error: a healthy worker's log has none.
+        assert " ERROR " not in worker.log(), worker.log()[-3000:]
     finally:
         stack.close()
