@@ -21,6 +21,8 @@ from sqlalchemy.orm import Session
 from shared.constants import ARTIFACT_NAME, MODEL_CANDIDATE, MODEL_CHAMPION, MODEL_RETIRED
 from shared.db import model_versions
 from shared.errors import UserError
+from shared.parity import METRICS_KEY as PARITY_KEY
+from shared.parity import recorded_bf16
 from shared.stores import Store
 
 MODEL_ROLLED_BACK = "rolled_back"
@@ -102,10 +104,22 @@ def champion(*, session: Session) -> ModelVersion | None:
 
 
 def champion_version(*, session: Session) -> str | None:
-    """Just the champion's version string: the cheap query tagging workers poll."""
+    """Just the champion's version string."""
     return session.execute(
         sa.select(model_versions.c.version).where(model_versions.c.status == MODEL_CHAMPION)
     ).scalar_one_or_none()
+
+
+def champion_bf16(*, session: Session) -> tuple[str, dict | None] | None:
+    """The champion's version and its bf16 parity record (``recorded_bf16``): the cheap query
+    tagging workers poll (two values of one row, not the whole metrics)."""
+    row = session.execute(
+        sa.select(model_versions.c.version, model_versions.c.metrics[(PARITY_KEY, "bf16")])
+        .where(model_versions.c.status == MODEL_CHAMPION)
+    ).first()
+    if row is None:
+        return None
+    return row[0], recorded_bf16({PARITY_KEY: {"bf16": row[1]}})
 
 
 def register(

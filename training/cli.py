@@ -183,7 +183,7 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
     @models_app.command("measure")
     def models_measure(version: str) -> None:
         """Measure a version's bf16 against fp32 on the website's pictures (a retrain does it; a version
-        registered by hand has none, and `auto` serves it in fp32). Workers use it at their next load."""
+        registered by hand has none, and `auto` serves it in fp32). Running workers follow it at their next poll."""
         from shared.config import get_settings
         from shared.runtime import Runtime
         from training.service import measure_bf16

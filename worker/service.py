@@ -22,7 +22,7 @@ from shared.config import Settings, get_settings
 from shared.db import transaction
 from shared.runtime import Runtime
 from worker import metrics
-from worker.model import Staged, TaggingModel, resolve_device
+from worker.model import Staged, TaggingModel, resolve_device, resolve_precision
 from worker.preprocess import ImageRejected, Preprocessing, decode_image, is_jpeg
 from worker.results import ImageResult, failed, persist_batch, publish_events, select_tags, tagged
 
@@ -80,6 +80,7 @@ class Tagger:
         self._last_poll = 0.0
         self._failed_version: str | None = None  # a champion that would not load, not retried until
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
+        self._bf16_record: dict | None = None  # the current model's bf16 parity record, as loaded
         self.pool, self._decode_slots = prepare_pool(settings)
         if settings.torch_threads:
             import torch
@@ -109,6 +110,7 @@ class Tagger:
         log.info("loaded model %s (%s, %d tags) on %s at %s (%s) in %.1f s", record.version, model.arch,
                  len(model.vocab), self.device, model.precision, model.precision_reason, time.perf_counter() - t0)
         self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))
+        self._bf16_record = parity.recorded_bf16(record.metrics)  # what auto decided on (maybe_switch)
         old, self.model = self.model, model
         metrics.set_model(model.version, model.arch, str(self.device), model.precision)
         if old is not None:
@@ -141,30 +143,49 @@ class Tagger:
         return None
 
     def maybe_switch(self, *, force: bool = False) -> None:
-        """Between batches: follow the registry's champion. A model that fails to load is not used."""
+        """Between batches: follow the registry's champion, and the precision ``auto`` gives it when
+        its bf16 record changes (``stilltag models measure``). A model that fails to load is not used."""
         now = time.monotonic()
         if not force and now - self._last_poll < self.settings.model_poll_s:
             return
         self._last_poll = now
         try:
             with self.runtime.sessions() as session:
-                version = registry.champion_version(session=session)
+                polled = registry.champion_bf16(session=session)
         except Exception:
             log.exception("could not read the champion from the database; keeping %s", self.model and self.model.version)
             return
-        if version is None or (self.model and version == self.model.version):
+        if polled is None:
+            return
+        version, bf16_record = polled
+        current = self.model
+        same = current is not None and version == current.version
+        if same and not self._precision_changes(bf16_record):
             return
         if version == self._failed_version and now - self._failed_at < FAILED_MODEL_RETRY_S:
             return
-        old = self.model.version if self.model else None
+        old = f"{current.version} at {current.precision}" if current else None
         try:
-            self.load_champion()
-            metrics.MODEL_SWITCHES.inc()
-            log.info("switched model %s → %s", old, version)
+            model = self.load_champion()
+            if not same:
+                metrics.MODEL_SWITCHES.inc()
+            log.info("%s model %s → %s at %s", "re-served" if same else "switched", old, version, model.precision)
         except Exception as exc:
-            log.error("new champion %s failed to load, keeping %s (trying again in %.0f s): %s", version, old,
-                      FAILED_MODEL_RETRY_S, exc)
+            log.error("%s %s failed to load, keeping %s (trying again in %.0f s): %s",
+                      "re-serving" if same else "new champion", version, old, FAILED_MODEL_RETRY_S, exc)
             self._failed_version, self._failed_at = version, now
+
+    def _precision_changes(self, bf16_record: dict | None) -> bool:
+        """Whether the current model's bf16 record changed since it was loaded (measured with
+        ``stilltag models measure``) so that ``auto`` now gives it another precision."""
+        if bf16_record == self._bf16_record:
+            return False
+        wanted, why = resolve_precision(self.settings.inference_precision, str(self.device), bf16_parity=bf16_record)
+        if wanted == self.loaded.precision:
+            self._bf16_record = bf16_record  # the same precision: nothing to do, and not asked again
+            return False
+        log.info("model %s's bf16 record changed: %s now (%s); loading it again", self.loaded.version, wanted, why)
+        return True
 
     # --- stages ---------------------------------------------------------------------------
     def prepare(self, image_id: int, prep: Preprocessing) -> Prepared:

@@ -63,3 +63,33 @@ def test_artifact_is_fetched_only_when_its_sha256_matches(sessions, store, tmp_p
     local.unlink()
     with pytest.raises(registry.ArtifactMismatch, match="refusing to unpickle"):
         registry.fetch_artifact(store=store, record=rec, cache_dir=cache)
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
+def test_the_champion_poll_reads_its_bf16_record(db, tmp_path, request):
+    """What tagging workers poll: the champion's version and just its bf16 record, on both databases."""
+    url = f"sqlite:///{tmp_path / 'poll.db'}" if db == "sqlite" else request.getfixturevalue("pg_url")
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = session_factory(engine)
+    store = open_store(f"file://{tmp_path / 'models'}")
+    record = {"max_diff": 0.0059, "p99_diff": 0.0043, "flip_share": 0.0, "within_limits": True}
+    try:
+        with sessions() as s:
+            assert registry.champion_bf16(session=s) is None
+        with transaction(sessions) as s:
+            registry.register(session=s, store=store, artifact=_artifact(tmp_path, b"one"), arch="resnet18",
+                              vocab=["a"], metrics={"f2": 0.5, "precision_parity": {"fp16": record}})
+            registry.promote(session=s, version="v1")
+        with sessions() as s:
+            assert registry.champion_bf16(session=s) == ("v1", None)  # no bf16 record
+        with transaction(sessions) as s:
+            registry.add_metrics(session=s, version="v1", precision_parity={"bf16": record})
+        with sessions() as s:
+            assert registry.champion_bf16(session=s) == ("v1", record)
+        with transaction(sessions) as s:
+            registry.add_metrics(session=s, version="v1", precision_parity={"bf16": "garbage"})
+        with sessions() as s:
+            assert registry.champion_bf16(session=s) == ("v1", None)
+    finally:
+        engine.dispose()

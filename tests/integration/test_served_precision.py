@@ -69,3 +69,52 @@ def test_an_explicit_precision_is_served_whatever_the_record(tmp_path, tiny_lear
         assert (tagger.loaded.precision, tagger.loaded.precision_reason, served_precision()) == ("bf16", "set", "bf16")
     finally:
         tagger.close()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_record_measured_for_the_serving_champion_changes_its_precision_without_a_restart(
+        tmp_path, tiny_learner, monkeypatch, native):
+    """``stilltag models measure`` on the champion (registered by hand: no record, so fp32): the
+    worker serves it at bf16 from its next poll, where the record allows and the CPU has native bf16;
+    a record outside the limits brings it back to fp32. The same version throughout: no switch."""
+    from worker import metrics
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: native)
+    settings = Settings(data_dir=tmp_path, model_poll_s=0.01)
+    upgrade(settings.database_url)
+    tagger = Tagger(settings)
+
+    def measured(record: dict) -> None:  # what `stilltag models measure v1` stores
+        with transaction(tagger.runtime.sessions) as s:
+            registry.add_metrics(session=s, version="v1", precision_parity={"bf16": record})
+
+    try:
+        with transaction(tagger.runtime.sessions) as s:
+            registry.register(session=s, store=tagger.runtime.model_store, artifact=tiny_learner, arch="resnet18",
+                              vocab=["unused"], metrics={"f2": 0.5})
+            registry.promote(session=s, version="v1")
+        first = tagger.load_champion()
+        assert (first.precision, served_precision()) == ("fp32", "fp32")
+        assert "models measure" in first.precision_reason or not native
+        switches = metrics.MODEL_SWITCHES._value.get()
+
+        tagger.maybe_switch(force=True)
+        assert tagger.loaded is first, "reloaded with nothing changed"
+        measured(WITHIN)
+        tagger.maybe_switch(force=True)
+        expected = "bf16" if native else "fp32"
+        assert (tagger.loaded.version, tagger.loaded.precision, served_precision()) == ("v1", expected, expected)
+        assert (tagger.loaded is first) is not native, "loaded again only where the precision changes"
+        second = tagger.loaded
+        tagger.maybe_switch(force=True)
+        assert tagger.loaded is second
+
+        measured(OUTSIDE)
+        tagger.maybe_switch(force=True)
+        assert (tagger.loaded.version, tagger.loaded.precision, served_precision()) == ("v1", "fp32", "fp32")
+        assert (tagger.loaded is second) is not native
+        assert metrics.MODEL_SWITCHES._value.get() == switches, "the same champion: not a switch"
+        with transaction(tagger.runtime.sessions) as s:
+            assert registry.get_version(session=s, version="v1").metrics["f2"] == 0.5
+    finally:
+        tagger.close()
