@@ -304,12 +304,28 @@ def throughput(stack, push: Callable[[str, list[int]], float], events, image_ids
     return len(seen) / (end - t0)
 
 
-def start_variants(plan: Plan, stack, claims: ExitStack, redis_url: str, ids: dict[str, list[int]]):
+@dataclass
+class Variant:
+    """A variant's worker, on a Redis DB of its own, and what the benchmark sends and hears there."""
+
+    name: str
+    worker: Any
+    client: Any  # redis.Redis on the variant's DB
+    events: Any  # bench.traffic.Events
+
+    def push(self, queue: str, image_ids: list[int]) -> float:
+        from bench.stack import push
+
+        return push(self.client, queue, image_ids)
+
+
+def start_variants(plan: Plan, stack, claims: ExitStack, redis_url: str,
+                   ids: dict[str, list[int]]) -> list[Variant]:
     """One worker per variant, each on a Redis DB of its own (same database, images and champion),
-    warmed up: end-to-end phases for the rounds."""
+    warmed up."""
     import redis
 
-    from bench.stack import claim_redis_db, push
+    from bench.stack import claim_redis_db
     from bench.traffic import Events
     from shared.config import ENV_PREFIX
     from worker.process import WorkerProcess
@@ -323,20 +339,20 @@ def start_variants(plan: Plan, stack, claims: ExitStack, redis_url: str, ids: di
         claims.callback(client.close)
         events = Events(broker)
         claims.callback(events.close)
-        started.append((name, worker.start(), client, events))
-    phases: dict[str, Callable[[], float]] = {}
-    for name, worker, client, events in started:
-        worker.wait_ready()
-        push(client, "tagging", ids["warmup"])
-        events.wait(ids["warmup"], EVENT_TIMEOUT_S)
-        phases[f"variant_{name}_img_s"] = _variant_phase(stack, client, events, ids["throughput"])
-    return phases
+        started.append(Variant(name, worker.start(), client, events))
+    for variant in started:
+        variant.worker.wait_ready()
+        variant.push("tagging", ids["warmup"])
+        variant.events.wait(ids["warmup"], EVENT_TIMEOUT_S)
+    return started
 
 
-def _variant_phase(stack, client, events, image_ids: list[int]) -> Callable[[], float]:
-    from bench.stack import push
+def variant_phases(stack, variants: list[Variant], ids: dict[str, list[int]]) -> dict[str, Callable[[], float]]:
+    """Each variant's end-to-end throughput, as phases of the rounds."""
+    def phase(variant: Variant) -> Callable[[], float]:
+        return lambda: throughput(stack, variant.push, variant.events, ids["throughput"])
 
-    return lambda: throughput(stack, lambda queue, i: push(client, queue, i), events, image_ids)
+    return {f"variant_{v.name}_img_s": phase(v) for v in variants}
 
 
 def served_precision(worker) -> str:
@@ -348,10 +364,11 @@ def served_precision(worker) -> str:
 
 
 def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dict[str, Callable[[], float]],
-                       profile_dir: Path | None = None) -> tuple[dict[str, list[float]], dict[str, Any]]:
+                       variants: list[Variant], profile_dir: Path | None = None
+                       ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """The rounds (``phases`` and throughput through Redis → worker process → database), then the
-    two latency measures. With ``profile_dir``, the worker is profiled over the end-to-end phases
-    (bench/profile.py)."""
+    two latency measures (uploads behind backfill also for each variant, right after). With
+    ``profile_dir``, the worker is profiled over the end-to-end phases (bench/profile.py)."""
     from bench.profile import Profile
     from bench.traffic import Events
 
@@ -392,30 +409,36 @@ def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dic
         out["trickle_p50_ms"] = float(np.percentile(latencies, 50))
         out["trickle_p95_ms"] = float(np.percentile(latencies, 95))
 
-        out.update(behind_backfill(plan, stack, worker, events, ids))
+        out.update(behind_backfill(plan, worker, stack.push, stack.redis, events, ids))
+        for v in variants:
+            out.update({f"variant_{v.name}_{key}": value for key, value in
+                        behind_backfill(plan, v.worker, v.push, v.client, v.events, ids).items()})
         return samples, out
     finally:
         events.close()
         stack.stop_workers()
 
 
-def behind_backfill(plan: Plan, stack, worker, events, ids: dict[str, list[int]]) -> dict[str, float]:
+def behind_backfill(plan: Plan, worker, push: Callable[[str, list[int]], float], client, events,
+                    ids: dict[str, list[int]]) -> dict[str, float]:
     """Uploads sent one by one while the worker chews through a backlog of ``plan.backfill``
-    (more than it may hold): enqueue → commit of each. The backlog is dropped afterwards."""
+    (more than it may hold): enqueue → commit of each. The backlog is dropped afterwards.
+    ``push`` and ``client`` (redis.Redis): the worker's broker."""
     from bench.stack import poll_until
 
+    events.forget(ids["upload"])  # the channel is the server's: another worker's events for them came too
     received = worker.metric("stilltag_messages_received_total")
-    stack.push("backfill", ids["backfill"])
+    push("backfill", ids["backfill"])
     in_hand = 2 * plan.max_batch
     poll_until(lambda: worker.metric("stilltag_messages_received_total") >= received + in_hand, EVENT_TIMEOUT_S,
                f"the worker takes {in_hand} backfill messages", interval_s=0.01)
     waits = []
     for upload in ids["upload"]:
-        t_upload = stack.push("tagging", [upload])
+        t_upload = push("tagging", [upload])
         waits.append((events.wait([upload], EVENT_TIMEOUT_S)[upload][0] - t_upload) * 1000)
-    left = stack.redis.llen("backfill")
-    stack.redis.delete("backfill")
-    poll_until(lambda: not stack.redis.hlen("unacked"), EVENT_TIMEOUT_S, "the held backfill committed")
+    left = client.llen("backfill")
+    client.delete("backfill")
+    poll_until(lambda: not client.hlen("unacked"), EVENT_TIMEOUT_S, "the held backfill committed")
     if not left:
         raise RuntimeError("the backlog ran out before the last upload: raise --backfill")
     return {"behind_backfill_ms": max(waits), "behind_backfill_p50_ms": float(np.median(waits))}
@@ -477,6 +500,10 @@ def report(plan: Plan, result: dict) -> None:
     lat.add_row(f"uploads behind {plan.backfill} backfill, worst of {UPLOADS_BEHIND} (p50 "
                 f"{result['behind_backfill_p50_ms']:.0f})", f"{result['behind_backfill_ms']:.0f}",
                 f"≤ {result['behind_backfill_target_ms']:.0f}")
+    for name, _env in plan.variants:
+        lat.add_row(f"variant {name}: behind backfill, worst of {UPLOADS_BEHIND} (p50 "
+                    f"{result[f'variant_{name}_behind_backfill_p50_ms']:.0f})",
+                    f"{result[f'variant_{name}_behind_backfill_ms']:.0f}", f"≤ {result['behind_backfill_target_ms']:.0f}")
     lat.add_row("single-image forward pass", f"{result['single_forward_ms']:.0f}", "")
     Console().print(lat)
 
@@ -585,8 +612,9 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
         phases["limit_img_s"] = limit.img_s
         in_process = DecodeAndForward(plan, limit, [jpegs[i - base] for i in ids["throughput"]])
         phases["decode_and_forward_img_s"] = in_process.img_s
-        phases.update(start_variants(plan, stack, claims, redis_url, ids))
-        samples, latencies = measure_end_to_end(plan, stack, ids, phases, profile_dir)
+        variants = start_variants(plan, stack, claims, redis_url, ids)
+        phases.update(variant_phases(stack, variants, ids))
+        samples, latencies = measure_end_to_end(plan, stack, ids, phases, variants, profile_dir)
         result["single_forward_ms"] = limit.single_ms()
         in_process.close()
         limit.release()

@@ -101,7 +101,9 @@ class Settings(BaseSettings):
     )
     fetch_concurrency: int = Field(default=16, ge=1, le=512, description="Concurrent image fetches per batch.")
     decode_workers: int = Field(
-        default=0, ge=0, le=256, description="Images decoded at once (fetches wait apart); 0 = one per CPU core."
+        default=0, ge=0, le=256,
+        description="Images decoded at once (fetches wait apart), and as many again for uploads, which have a "
+                    "pool of their own; 0 = one per CPU core.",
     )
     decode_nice: int | Literal["idle"] = Field(
         default=10,

@@ -202,7 +202,8 @@ class BatchConsumer:
             park(self.tagger.runtime.events, queue=queue_name, raw=_raw(message), reason=str(exc))
             message.ack()
             return
-        held = Held(message, queue_name, self.tagger.submit(image_id), time.monotonic())
+        upload = queue_name == self.queues[0] and len(self.queues) > 1  # the first lane: uploads
+        held = Held(message, queue_name, self.tagger.submit(image_id, upload=upload), time.monotonic())
         self._held_by_queue[queue_name] = self._held_by_queue.get(queue_name, 0) + 1
         with self._cond:
             self.pending.add(held)

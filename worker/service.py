@@ -82,6 +82,10 @@ class Tagger:
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
         self._bf16_record: dict | None = None  # the current model's bf16 parity record, as loaded
         self.pool, self._decode_slots = prepare_pool(settings)
+        # Uploads fetch and decode in a pool of their own, so that one never waits behind the
+        # backfill this worker holds: where decoding is the bottleneck (a GPU, or a CPU with a fast
+        # forward pass) that queue is a whole batch or two of decodes long.
+        self.upload_pool, self._upload_slots = prepare_pool(settings)
         if settings.torch_threads:
             import torch
 
@@ -188,8 +192,9 @@ class Tagger:
         return True
 
     # --- stages ---------------------------------------------------------------------------
-    def prepare(self, image_id: int, prep: Preprocessing) -> Prepared:
-        """Fetch + decode one image; never raises (a bad image is a result, not an error)."""
+    def prepare(self, image_id: int, prep: Preprocessing, slots: threading.BoundedSemaphore) -> Prepared:
+        """Fetch + decode one image, decoding in one of ``slots``; never raises (a bad image is a
+        result, not an error)."""
         try:
             t0 = time.perf_counter()
             data = self.runtime.images.fetch(image_id)
@@ -197,7 +202,7 @@ class Tagger:
                 metrics.DECODE.observe(time.perf_counter() - t0)
                 return Prepared(image_id, prep, jpeg=data)
             fetched_s = time.perf_counter() - t0
-            with self._decode_slots:  # the wait for a slot is queueing, not decoding: not timed
+            with slots:  # the wait for a slot is queueing, not decoding: not timed
                 t1 = time.perf_counter()
                 pixels = decode(self.settings, data, prep)
                 metrics.DECODE.observe(fetched_s + time.perf_counter() - t1)
@@ -217,8 +222,11 @@ class Tagger:
     def _device_decode(self, prep: Preprocessing) -> bool:
         return self.settings.gpu_decode and self.device.startswith("cuda") and prep.method == "squish"
 
-    def submit(self, image_id: int) -> Future:
-        return self.pool.submit(self.prepare, image_id, self.loaded.prep)
+    def submit(self, image_id: int, *, upload: bool = False) -> Future:
+        """Fetch and decode an image in the background; ``upload``: in the uploads' own pool."""
+        if upload:
+            return self.upload_pool.submit(self.prepare, image_id, self.loaded.prep, self._upload_slots)
+        return self.pool.submit(self.prepare, image_id, self.loaded.prep, self._decode_slots)
 
     def stage_batch(self, prepared: list[Prepared]) -> StagedBatch | None:
         """The batch's input on its way to the device (JPEGs decoded there with ``gpu_decode``)."""
@@ -256,7 +264,7 @@ class Tagger:
     def predict(self, prepared: list[Prepared], staged: StagedBatch | None = None) -> list[ImageResult]:
         """One forward pass for the images that decoded; the others fail with their reason."""
         model = self.loaded
-        prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep) for p in prepared]
+        prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep, self._decode_slots) for p in prepared]
         if any(p.jpeg is not None for p in prepared) and staged is None:
             staged = self.stage_batch(prepared)
             if staged is None:  # the device decoder failed: the CPU decodes them
@@ -312,6 +320,7 @@ class Tagger:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.upload_pool.shutdown(wait=False, cancel_futures=True)
         if self.stager is not None:
             self.stager.shutdown(wait=False, cancel_futures=True)
         if self.model is not None:

@@ -25,7 +25,8 @@ def test_quick_bench_writes_every_measure(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     done = stilltag(env, "bench", "--quick", "--device", "cpu", "--redis", REDIS_HOST_URL, "--json", str(out),
-                    "--profile", str(tmp_path / "profile"), check=False, timeout_s=840)
+                    "--profile", str(tmp_path / "profile"), "--variant", "nice0:STILLTAG_DECODE_NICE=0",
+                    check=False, timeout_s=840)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     result = json.loads(out.read_text())
     assert result["arch"] == "resnet18"
@@ -46,6 +47,12 @@ def test_quick_bench_writes_every_measure(tmp_path):
     assert result["decode_and_forward_vs_limit"] == result["decode_and_forward_img_s"] / result["limit_img_s"]
     assert result["end_to_end_vs_decode_and_forward"] == result["end_to_end_img_s"] / result["decode_and_forward_img_s"]
     assert "decode +" in done.stdout  # its row
+
+    # A variant: another worker with other settings, in the same rounds, and its uploads behind a backlog.
+    rounds, (lo, hi) = result["variant_nice0_img_s_rounds"], result["variant_nice0_img_s_spread"]
+    assert len(rounds) == 3 and (lo, hi) == (min(rounds), max(rounds)) and result["variant_nice0_img_s"] == sorted(rounds)[1]
+    assert 0 < result["variant_nice0_behind_backfill_p50_ms"] <= result["variant_nice0_behind_backfill_ms"]
+    assert "nice0:" in done.stdout and "variant nice0: behind backfill" in done.stdout  # their rows
 
     # Uploads behind a backlog: the worst of several, next to its target (two forward passes at max_batch).
     assert 0 < result["behind_backfill_p50_ms"] <= result["behind_backfill_ms"]

@@ -80,3 +80,35 @@ def test_upload_fill_by_device():
     assert upload_fill(Settings(max_batch=2), gpu=False) == 1
     assert upload_fill(Settings(max_batch=64, upload_fill=32), gpu=False) == 32
     assert upload_fill(Settings(max_batch=64, upload_fill=500), gpu=True) == 64
+
+
+def test_the_first_queues_messages_decode_in_the_uploads_own_pool():
+    """``BatchConsumer.on_message``: a message from the first of several queues (uploads) is fetched
+    and decoded in the uploads' own pool, never behind the backfill the worker holds; the other
+    queues', and those of a worker with one queue, in the shared one."""
+    import json
+    from types import SimpleNamespace
+
+    from shared.config import Settings
+    from shared.constants import TAG_TASK
+    from worker.consumer import BatchConsumer
+
+    def message(queue: str, image_id: int):  # what kombu hands on_message
+        return SimpleNamespace(content_type="application/json", body=json.dumps([[image_id], {}, {}]),
+                               headers={"task": TAG_TASK}, delivery_info={"routing_key": queue})
+
+    for queues, upload in ((("tagging", "backfill"), {"tagging": True, "backfill": False}),
+                           (("backfill",), {"backfill": False}), (("tagging",), {"tagging": False})):
+        submitted: list[tuple[int, bool]] = []
+
+        def submit(image_id: int, *, upload: bool = False, sent=submitted) -> Future:
+            sent.append((image_id, upload))
+            return Future()
+
+        tagger = SimpleNamespace(settings=Settings(broker_url="redis://127.0.0.1:6379/0"), upload_fill=16,
+                                 submit=submit)
+        consumer = BatchConsumer(tagger, queues=queues)
+        for image_id, queue in enumerate(queues):
+            consumer.on_message(message(queue, image_id))
+        assert submitted == [(image_id, upload[queue]) for image_id, queue in enumerate(queues)]
+        assert len(consumer.pending) == len(queues)
