@@ -8,6 +8,7 @@ A failure ends in one ``error: ...`` line on stderr and a non-zero status (share
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,11 @@ from shared.constants import TAGGING_QUEUES, TRAINING_QUEUE
 from shared.errors import report
 from shared.runtime import Runtime
 from training import cli as training_cli
+
+# fastai's layers.py scripts a few activations with torch.jit.script when it is imported, which
+# torch deprecates: without this, every command that loads a learner (and every worker's log)
+# starts with a FutureWarning about code that is not ours.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 app = typer.Typer(help="stilltag: asynchronous image tagging with a preloaded fastai learner.", no_args_is_help=True)
 

@@ -99,3 +99,13 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path, delay_s):
     assert proc.returncode == 130, (proc.returncode, out, err)
     assert "Traceback" not in err + out, err
     assert len(err.splitlines()) <= 1, err
+
+
+def test_a_command_that_loads_a_learner_prints_only_what_it_did(tmp_path, tiny_learner):
+    """No dependency's deprecation warning on stderr: importing fastai scripts functions with the
+    deprecated torch.jit.script, which warned on every command that loads a learner."""
+    assert stilltag(tmp_path, "db", "upgrade").returncode == 0
+    done = stilltag(tmp_path, "models", "register", str(tiny_learner), "--promote")
+    assert done.returncode == 0, done.stderr
+    assert "registered v1" in done.stdout and "as champion" in done.stdout
+    assert "Warning" not in done.stderr and "warnings.warn" not in done.stderr, done.stderr
