@@ -118,7 +118,7 @@ class TaggingStep(bootsteps.StartStopStep):
     label = "stilltag tagging"
 
     def __init__(self, parent, stilltag_service: TaggingService | None = None, **kwargs):
-        self.service = parent.stilltag_service = stilltag_service  # HoldTaskQueues finds it on the worker
+        self.service = parent.stilltag_service = stilltag_service  # remote control finds it there (route_queue_commands)
         super().__init__(parent, **kwargs)
 
     def include_if(self, parent) -> bool:
