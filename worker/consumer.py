@@ -55,6 +55,7 @@ BUSY_POLL_S = 0.02  # longest wait in the broker while a batch runs: its acknowl
 FAILED_BATCH_BACKOFF_S = (0.5, 30.0)  # first and longest pause after a batch that did not commit
 BATCHES_IN_FLIGHT = 3  # per queue: in the forward pass + decoding for the next + gathering
 SETTLE_CHUNK = 1000  # messages acknowledged per pipeline
+WAIT_DECODED_S = 1.0  # the inference thread waits for a batch's decodes; each one wakes it (a safety net)
 POP_REPLY_TIMEOUT_S = 5.0  # an atomic pop answers in milliseconds; no reply this long = a dead socket
 
 
@@ -85,8 +86,9 @@ class Pending:
     in a hand-off: a batch is whatever is best to run at that moment. ``take`` fills it from the
     lanes in priority order (``tagging`` before ``backfill``), so an upload rides in the very next
     forward pass, ahead of any backfill the worker holds. A batch that carries a message of the
-    first lane (an upload) is topped up from the other lanes only to ``fill`` images: on a CPU
-    every image adds to the forward pass that the upload waits for. A message held for
+    first lane (an upload) is topped up from the other lanes only to ``fill`` images, and only with
+    images already decoded: on a CPU every image adds to the forward pass that the upload waits
+    for, and no upload waits for a backfill decode. A message held for
     ``starve_s`` goes first whatever its lane, so a flood of uploads cannot keep backfill in hand
     until the visibility timeout hands it to another worker.
     """
@@ -120,10 +122,16 @@ class Pending:
                 batch.items.append(lane.popleft())
         first = next(iter(self.lanes), None)
         for name, lane in self.lanes.items():  # then by queue priority, oldest first within a queue
-            size = max_batch
             if name != first and self.fill is not None and any(h.queue == first for h in batch.items):
-                size = min(max_batch, self.fill)  # an upload's batch: topped up only to fill
-            while lane and len(batch.items) < size:
+                # An upload's batch: topped up only to fill, and only with images already decoded,
+                # so that no backfill decode delays the upload; the rest keep their place.
+                room = min(max_batch, self.fill) - len(batch.items)
+                ready = [h for h in lane if h.future.done()][:max(0, room)]
+                for held in ready:
+                    lane.remove(held)
+                batch.items.extend(ready)
+                continue
+            while lane and len(batch.items) < max_batch:
                 batch.items.append(lane.popleft())
         return batch
 
@@ -204,11 +212,17 @@ class BatchConsumer:
             return
         upload = queue_name == self.queues[0] and len(self.queues) > 1  # the first lane: uploads
         held = Held(message, queue_name, self.tagger.submit(image_id, upload=upload), time.monotonic())
+        held.future.add_done_callback(self._decoded)
         self._held_by_queue[queue_name] = self._held_by_queue.get(queue_name, 0) + 1
         with self._cond:
             self.pending.add(held)
             self._cond.notify()
         self._progress()
+
+    def _decoded(self, _future: Future) -> None:
+        """(A pool thread.) An image is decoded: the inference thread may wait for it (``_wait_decoded``)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def held(self) -> int:
         """Messages this worker holds and has not sent to the forward pass."""
@@ -402,7 +416,8 @@ class BatchConsumer:
 
         A batch is due at ``max_batch`` images, or ``max_wait_ms`` after its oldest. While the
         forward pass runs, images keep arriving and decoding here, so the next batch is full under
-        load instead of closed small early.
+        load instead of closed small early. It is returned once all its images are decoded; an
+        upload arriving before that goes first (``_wait_decoded``).
         """
         next_check = time.monotonic() + self.settings.model_poll_s
         with self._cond:
@@ -415,11 +430,30 @@ class BatchConsumer:
                 now = time.monotonic()
                 due = self.pending.due_at(max_batch=self.settings.max_batch, max_wait_s=self.max_wait_s)
                 if due is not None and due <= now:
-                    return self.pending.take(self.settings.max_batch, now)
+                    batch = self.pending.take(self.settings.max_batch, now)
+                    if self._wait_decoded(batch):
+                        return batch
+                    continue  # back in pending: an upload came, it goes first
                 if due is None and now >= next_check:
                     return Batch()  # idle: follow the champion, so the first image after a promotion does not wait
                 self._cond.wait(max(0.0, min(next_check if due is None else due, next_check) - now))
         return None
+
+    def _wait_decoded(self, batch: Batch) -> bool:
+        """(Holding ``_cond``.) Until every image of ``batch`` is decoded: True. False, with the batch
+        back in pending, when an upload that outranks it arrives meanwhile (or the consumer closes).
+
+        Where decoding is the bottleneck (a GPU, or a CPU whose forward pass is fast) a batch of
+        backfill is taken long before its last image is decoded; an upload that arrived meanwhile
+        would wait for all of those decodes and that batch's forward pass. Decoded in a pool of its
+        own (Tagger.submit), it is ready long before, and rides in the next batch at once instead.
+        """
+        while not all(held.future.done() for held in batch.items):
+            if self._closing or self.pending.outranks(batch):
+                self.pending.put_back(batch)
+                return False
+            self._cond.wait(WAIT_DECODED_S)
+        return True
 
     def _look_ahead(self) -> None:
         """On a GPU, with a full batch already pending: take it now and start its copy to the device

@@ -1,12 +1,16 @@
 """How the tagging worker fills a batch from what it holds (worker/consumer.py ``Pending``)."""
 
+import json
 from concurrent.futures import Future
 
 from worker.consumer import Held, Pending
 
 
-def held(queue: str, n: int, at: float) -> Held:
-    return Held(message=f"{queue}-{n}", queue=queue, future=Future(), arrived_at=at)
+def held(queue: str, n: int, at: float, *, decoded: bool = True) -> Held:
+    future: Future = Future()
+    if decoded:
+        future.set_result(None)
+    return Held(message=f"{queue}-{n}", queue=queue, future=future, arrived_at=at)
 
 
 def fill(pending: Pending, queue: str, ns, at: float) -> None:
@@ -71,6 +75,20 @@ def test_a_batch_carrying_uploads_is_topped_up_with_backfill_only_to_fill():
     fill(p, "tagging", range(1), at=61.0)
     assert p.take(8, now=61.0).messages == ["backfill-0", "backfill-1", "backfill-2", "tagging-0"]
 
+def test_an_uploads_batch_is_topped_up_only_with_backfill_already_decoded():
+    p = Pending(("tagging", "backfill"), starve_s=60, fill=4)
+    for n, decoded in enumerate([False, True, False, True, True, True]):
+        p.add(held("backfill", n, 0.0 + n / 1000, decoded=decoded))
+    fill(p, "tagging", range(1), at=1.0)
+    assert p.take(8, now=2.0).messages == ["tagging-0", "backfill-1", "backfill-3", "backfill-4"]
+    # What is still decoding keeps its place, oldest first.
+    assert p.take(8, now=2.0).messages == ["backfill-0", "backfill-2", "backfill-5"]
+    # Nothing decoded yet: the upload rides alone.
+    p.add(held("backfill", 6, 3.0, decoded=False))
+    fill(p, "tagging", range(1, 2), at=3.0)
+    assert p.take(8, now=4.0).messages == ["tagging-1"]
+
+
 def test_upload_fill_by_device():
     from shared.config import Settings
     from worker.service import upload_fill
@@ -82,20 +100,63 @@ def test_upload_fill_by_device():
     assert upload_fill(Settings(max_batch=64, upload_fill=500), gpu=True) == 64
 
 
+def _message(queue: str, image_id: int):
+    """What kombu hands ``BatchConsumer.on_message``: a ``stilltag.tag`` for ``image_id`` from ``queue``."""
+    import json
+    from types import SimpleNamespace
+
+    from shared.constants import TAG_TASK
+
+    return SimpleNamespace(content_type="application/json", body=json.dumps([[image_id], {}, {}]),
+                           headers={"task": TAG_TASK}, delivery_info={"routing_key": queue})
+
+
+def test_an_upload_goes_ahead_of_a_batch_still_decoding():
+    """The inference thread takes a batch of backfill and waits for its decodes; an upload that
+    arrives meanwhile (decoded in its own pool) runs first, and the backfill right after."""
+    import threading
+    from types import SimpleNamespace
+
+    from bench.stack import poll_until
+    from shared.config import Settings
+    from worker.consumer import BatchConsumer
+
+    futures: dict[int, Future] = {}
+
+    def submit(image_id: int, *, upload: bool = False) -> Future:
+        futures[image_id] = Future()
+        return futures[image_id]
+
+    tagger = SimpleNamespace(settings=Settings(broker_url="redis://127.0.0.1:6379/0", max_batch=4, max_wait_ms=10),
+                             upload_fill=16, submit=submit)
+    consumer = BatchConsumer(tagger, queues=("tagging", "backfill"))
+    for image_id in range(1, 5):
+        consumer.on_message(_message("backfill", image_id))
+    taken: list = []
+    inference = threading.Thread(target=lambda: taken.append(consumer._next_batch()))
+    inference.start()
+    poll_until(lambda: len(consumer.pending) == 0, 10, "the backfill batch taken")  # and waiting for decodes
+    futures[2].set_result(None)
+    consumer.on_message(_message("tagging", 100))
+    futures[100].set_result(None)  # the upload decodes first
+    inference.join(10)
+    assert not inference.is_alive()
+    assert [int(json.loads(h.message.body)[0][0]) for h in taken[0].items] == [100, 2]  # with what was decoded
+    for f in futures.values():
+        if not f.done():
+            f.set_result(None)
+    batch = consumer._next_batch()
+    assert [int(json.loads(h.message.body)[0][0]) for h in batch.items] == [1, 3, 4]
+
+
 def test_the_first_queues_messages_decode_in_the_uploads_own_pool():
     """``BatchConsumer.on_message``: a message from the first of several queues (uploads) is fetched
     and decoded in the uploads' own pool, never behind the backfill the worker holds; the other
     queues', and those of a worker with one queue, in the shared one."""
-    import json
     from types import SimpleNamespace
 
     from shared.config import Settings
-    from shared.constants import TAG_TASK
     from worker.consumer import BatchConsumer
-
-    def message(queue: str, image_id: int):  # what kombu hands on_message
-        return SimpleNamespace(content_type="application/json", body=json.dumps([[image_id], {}, {}]),
-                               headers={"task": TAG_TASK}, delivery_info={"routing_key": queue})
 
     for queues, upload in ((("tagging", "backfill"), {"tagging": True, "backfill": False}),
                            (("backfill",), {"backfill": False}), (("tagging",), {"tagging": False})):
@@ -109,6 +170,6 @@ def test_the_first_queues_messages_decode_in_the_uploads_own_pool():
                                  submit=submit)
         consumer = BatchConsumer(tagger, queues=queues)
         for image_id, queue in enumerate(queues):
-            consumer.on_message(message(queue, image_id))
+            consumer.on_message(_message(queue, image_id))
         assert submitted == [(image_id, upload[queue]) for image_id, queue in enumerate(queues)]
         assert len(consumer.pending) == len(queues)
