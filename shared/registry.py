@@ -22,7 +22,6 @@ from shared.constants import ARTIFACT_NAME, MODEL_CANDIDATE, MODEL_CHAMPION, MOD
 from shared.db import model_versions
 from shared.errors import UserError
 from shared.parity import METRICS_KEY as PARITY_KEY
-from shared.parity import recorded_bf16
 from shared.stores import Store
 
 MODEL_ROLLED_BACK = "rolled_back"
@@ -111,15 +110,16 @@ def champion_version(*, session: Session) -> str | None:
 
 
 def champion_bf16(*, session: Session) -> tuple[str, dict | None] | None:
-    """The champion's version and its bf16 parity record (``recorded_bf16``): the cheap query
-    tagging workers poll (two values of one row, not the whole metrics)."""
+    """The champion's version and its bf16 parity record (what ``parity.recorded_bf16`` reads from
+    the whole metrics): the cheap query tagging workers poll (two values of one row)."""
     row = session.execute(
         sa.select(model_versions.c.version, model_versions.c.metrics[(PARITY_KEY, "bf16")])
         .where(model_versions.c.status == MODEL_CHAMPION)
     ).first()
     if row is None:
         return None
-    return row[0], recorded_bf16({PARITY_KEY: {"bf16": row[1]}})
+    version, bf16 = row
+    return version, bf16 if isinstance(bf16, dict) else None
 
 
 def register(

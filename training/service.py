@@ -219,8 +219,8 @@ def measure_bf16(rt: Runtime, version: str) -> dict:
     """bf16 against fp32 for a registered version (one registered by hand has no record, and
     ``auto`` serves it in fp32), measured as a retrain measures it: on up to
     ``STILLTAG_TRAIN_PARITY_IMAGES`` of the website's validation and holdout pictures, at the cutoffs
-    the version is served with, on this machine's CPU. Stored with the version; a tagging worker
-    uses it the next time it loads the version.
+    the version is served with, on this machine's CPU. Stored with the version; running tagging
+    workers follow it at their next poll (``Tagger.maybe_switch``).
 
     Raises:
         UserError: the measure is off, the version is unknown, or the website has too few tagged pictures.

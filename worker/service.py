@@ -164,11 +164,14 @@ class Tagger:
         version, bf16_record = polled
         current = self.model
         same = current is not None and version == current.version
-        if same and not self._precision_changes(bf16_record):
+        wanted = self._new_precision(bf16_record) if same else None
+        if same and wanted is None:
             return
         if version == self._failed_version and now - self._failed_at < FAILED_MODEL_RETRY_S:
             return
         old = f"{current.version} at {current.precision}" if current else None
+        if wanted is not None:
+            log.info("model %s's bf16 record changed: %s now (%s); loading it again", version, *wanted)
         try:
             model = self.load_champion()
             if not same:
@@ -179,17 +182,16 @@ class Tagger:
                       "re-serving" if same else "new champion", version, old, FAILED_MODEL_RETRY_S, exc)
             self._failed_version, self._failed_at = version, now
 
-    def _precision_changes(self, bf16_record: dict | None) -> bool:
-        """Whether the current model's bf16 record changed since it was loaded (measured with
-        ``stilltag models measure``) so that ``auto`` now gives it another precision."""
+    def _new_precision(self, bf16_record: dict | None) -> tuple[str, str] | None:
+        """The precision ``auto`` now gives the current model, and why, where its bf16 record changed
+        since it was loaded (``stilltag models measure``) and with it that precision; else None."""
         if bf16_record == self._bf16_record:
-            return False
-        wanted, why = resolve_precision(self.settings.inference_precision, str(self.device), bf16_parity=bf16_record)
-        if wanted == self.loaded.precision:
+            return None
+        wanted = resolve_precision(self.settings.inference_precision, str(self.device), bf16_parity=bf16_record)
+        if wanted[0] == self.loaded.precision:
             self._bf16_record = bf16_record  # the same precision: nothing to do, and not asked again
-            return False
-        log.info("model %s's bf16 record changed: %s now (%s); loading it again", self.loaded.version, wanted, why)
-        return True
+            return None
+        return wanted
 
     # --- stages ---------------------------------------------------------------------------
     def prepare(self, image_id: int, prep: Preprocessing, slots: threading.BoundedSemaphore) -> Prepared:
