@@ -74,6 +74,7 @@ EXAMPLES: dict[str, str] = {
     "backfill_max_pending": "2000",
     "retag_on_promote": "true",
     "retrain_schedule": "0 2 * * 0",
+    "orphan_check_s": "30",
 }
 
 # For settings whose Field() carries no description.

@@ -292,5 +292,15 @@ def transport_options(settings: Settings) -> dict:
     return {}
 
 
+def connection_url(settings: Settings) -> str:
+    """The broker URL kombu is given. ``filesystem://`` gets the host it ignores: without one, kombu
+    warns "No hostname was supplied" each time it describes the connection (the worker's banner,
+    every remote-control reply)."""
+    scheme, _, rest = settings.broker_url.partition("://")
+    if scheme == "filesystem" and not rest.strip("/"):
+        return "filesystem://localhost/"
+    return settings.broker_url
+
+
 def transport_class(settings: Settings) -> str | None:
     return GUARDED_REDIS_TRANSPORT if settings.broker_is_redis else None

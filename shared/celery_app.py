@@ -11,7 +11,7 @@ import time
 from celery import Celery
 from kombu import Queue
 
-from shared.broker import QuickRetryConnection, transport_class, transport_options
+from shared.broker import QuickRetryConnection, connection_url, transport_class, transport_options
 from shared.config import Settings, get_settings
 from shared.constants import BACKFILL_QUEUE, ENQUEUED_AT_HEADER, RETAG_TASK, RETRAIN_TASK, TAG_TASK, TAGGING_QUEUE, TRAINING_QUEUE
 from shared.schedule import retrain_crontab
@@ -22,7 +22,7 @@ TASK_MODULES = ("worker.tasks", "training.tasks")  # stilltag.tag; stilltag.retr
 
 def celery_config(settings: Settings) -> dict:
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": connection_url(settings),
         "broker_transport": transport_class(settings),
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,

@@ -198,6 +198,11 @@ class Settings(BaseSettings):
     retrain_schedule: str = Field(
         default="0 3 1 * *", description="Cron schedule of the beat-driven retrain (monthly by default)."
     )
+    orphan_check_s: float = Field(
+        default=60.0, gt=0,
+        description="How often a training worker looks for retrain runs left running by a worker that died "
+                    "on another host (failed once its lock has expired and two checks agree).",
+    )
 
     @field_validator("decode_nice", mode="before")
     @classmethod

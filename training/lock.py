@@ -2,7 +2,8 @@
 
 The Redis lock expires unless renewed, and a thread renews it while the retrain runs, so a
 training worker that dies frees it within ``LOCK_TTL_S``. The file lock is released by the
-kernel when its process exits, however it exits.
+kernel when its process exits, however it exits. Both hold the holder's ``host pid N since …``
+while held (``lock_holder`` reads it without taking the lock).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from shared.constants import RETRAIN_LOCK_FILE, RETRAIN_LOCK_KEY
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL_S = 600  # a dead holder's Redis lock frees itself after 10 minutes
+LOCK_TTL_S = 120  # a dead holder's Redis lock frees itself after 2 minutes (renewed every 24 s while held)
 
 
 class RetrainBusy(RuntimeError):
@@ -101,6 +102,28 @@ def file_lock(path) -> Iterator[str]:
             fh.truncate()
             fh.flush()
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def lock_holder(settings: Settings) -> str | None:
+    """Who holds the retrain lock (``host pid N since …``), without taking it; None when nobody does.
+
+    The Redis key is the truth. The lock file keeps the last holder's line after a SIGKILL (the
+    kernel frees the lock, not the line): a line is a holder only if that process is not known gone,
+    which the caller checks with the host and pid (``training.runs.holder_gone``).
+    """
+    if settings.broker_is_redis:
+        import redis
+
+        client = redis.Redis.from_url(settings.broker_url, socket_timeout=10, socket_connect_timeout=10)
+        try:
+            holder: bytes | None = client.get(RETRAIN_LOCK_KEY)  # type: ignore[assignment]
+        finally:
+            client.close()
+        return holder.decode() if holder else None
+    try:
+        return (settings.data_dir / RETRAIN_LOCK_FILE).read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 @contextmanager

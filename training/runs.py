@@ -10,7 +10,8 @@ the README's Ruby snippet return), or a fresh uuid for ``stilltag train --now``.
   ``skipped`` (another retrain held the lock, or the data cannot make a training set).
 
 A run whose process died (SIGKILL, OOM, a lost machine) is marked ``failed`` by the next training
-worker that starts (``recover_orphans``), or by the next run that takes the lock.
+worker that starts (``recover_orphans``), by a running training worker's check once the dead
+worker's lock has expired (``OrphanSweep``), or by the next run that takes the lock.
 
 Every state or stage change is committed first, then published as JSON on ``stilltag:retrain``.
 """
@@ -23,11 +24,13 @@ import logging
 import os
 import re
 import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import sqlalchemy as sa
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared.config import Settings
@@ -43,7 +46,7 @@ from shared.db import retrain_runs, transaction
 from shared.errors import one_line
 from shared.runtime import Runtime
 from training.dataset import DatasetError
-from training.lock import RetrainBusy, retrain_lock
+from training.lock import RetrainBusy, lock_holder
 
 log = logging.getLogger(__name__)
 
@@ -244,34 +247,94 @@ def fail_orphans(rt: Runtime, *, reason: str, keep: str | None = None,
     return [r["id"] for r in orphans]
 
 
-def _lock_is_free(settings: Settings) -> bool:
-    try:
-        with retrain_lock(settings):
-            return True
-    except RetrainBusy:
-        return False
+def abandoned(worker: str | None, holder: str | None, *, starting: bool = False) -> bool:
+    """Whether a run left ``running`` by ``worker`` (``host pid N``) cannot be alive, given the lock's
+    ``holder`` (``host pid N since …``, None: nobody holds it).
+
+    A retrain holds the lock for its whole run, so a live run's process is the holder: the run is
+    abandoned when nobody holds the lock, when another process does, or when its process is known
+    to be gone. ``starting``: the caller is a process that runs no retrain yet, so a run with its
+    own host and pid is a former incarnation's (``holder_gone``).
+    """
+    if worker == this_worker() and not starting:
+        return False  # this process's own run: alive, and its recorder writes the end
+    if holder is None or not holder.startswith(f"{worker} since "):
+        return True
+    return holder_gone(worker)
+
+
+def _running(rt: Runtime) -> dict[str, tuple]:
+    """The ``running`` runs: id → (worker, updated_at)."""
+    with rt.sessions() as session:
+        rows = session.execute(sa.select(retrain_runs.c.id, retrain_runs.c.worker, retrain_runs.c.updated_at)
+                               .where(retrain_runs.c.state == RUN_RUNNING))
+        return {r.id: (r.worker, r.updated_at) for r in rows}
 
 
 def recover_orphans(settings: Settings) -> list[str]:
     """At a training worker's start: runs left ``running`` by a process that is gone become ``failed``.
 
-    A run is abandoned when no retrain holds the lock, or when its process is known to be gone
-    (same host, no such pid). A run on another host while a (possibly stale) Redis lock is held
-    is left to the next run that takes the lock.
+    Gone means: no retrain holds the lock, another process holds it, or the run's process is known
+    to be gone (same host, no such pid). A run whose worker on another host may still hold the
+    Redis lock is left to ``OrphanSweep`` (once the lock expires) or to the next run that takes it.
     """
     rt = Runtime(settings)
     try:
-        with rt.sessions() as session:
-            running = session.execute(sa.select(retrain_runs.c.id).where(retrain_runs.c.state == RUN_RUNNING)).first()
-        if running is None:
+        running = _running(rt)
+        if not running:
             return []
-        me = this_worker()
-        if _lock_is_free(settings):
-            return fail_orphans(rt, reason=f"found by {me} at its start (no retrain held the lock)")
-        return fail_orphans(rt, reason=f"found by {me} at its start (that process is gone)",
-                            only=lambda r: holder_gone(r["worker"]))
-    except SQLAlchemyError as exc:
+        holder = lock_holder(settings)
+        dead = {run_id for run_id, (worker, _) in running.items() if abandoned(worker, holder, starting=True)}
+        return fail_orphans(rt, reason=f"found by {this_worker()} at its start ({_why(holder)})",
+                            only=lambda r: r["id"] in dead) if dead else []
+    except (SQLAlchemyError, OSError, RedisError) as exc:
         log.warning("could not look for abandoned retrain runs: %s", one_line(str(exc)))
         return []
     finally:
         rt.close()
+
+
+def _why(holder: str | None) -> str:
+    return "no retrain held the lock" if holder is None else f"the retrain lock was held by {holder}"
+
+
+class OrphanSweep:
+    """A training worker's check, every ``orphan_check_s``, for runs whose worker died elsewhere.
+
+    ``recover_orphans`` at a worker's start leaves a run alone while its (possibly dead) worker on
+    another host may still hold the Redis lock; the lock expires within ``LOCK_TTL_S`` of that
+    worker's death. A run is failed when two checks in a row find it abandoned with the same
+    ``updated_at``: a live run releases the lock a moment before it writes its end, and must not be
+    failed in that moment. The lock is read, never taken, so no retrain is ever skipped for a check.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.suspects: dict[str, object] = {}  # run id → its updated_at when found abandoned
+
+    def check(self) -> list[str]:
+        """One check; returns the ids of the runs it failed."""
+        rt = Runtime(self.settings)
+        try:
+            running = _running(rt)
+            holder = lock_holder(self.settings) if running else None
+            found = {run_id: updated for run_id, (worker, updated) in running.items() if abandoned(worker, holder)}
+            confirmed = {run_id for run_id, updated in found.items() if self.suspects.get(run_id) == updated}
+            self.suspects = found
+            if not confirmed:
+                return []
+            failed = fail_orphans(rt, reason=f"found by {this_worker()} ({_why(holder)})",
+                                  only=lambda r: r["id"] in confirmed and r["updated_at"] == found[r["id"]])
+            for run_id in failed:
+                self.suspects.pop(run_id, None)
+            return failed
+        except (SQLAlchemyError, OSError, RedisError) as exc:
+            log.warning("could not look for abandoned retrain runs: %s", one_line(str(exc)))
+            return []
+        finally:
+            rt.close()
+
+    def run(self, stop: threading.Event) -> None:
+        """Check every ``orphan_check_s`` until ``stop`` is set (a daemon thread's target)."""
+        while not stop.wait(self.settings.orphan_check_s):
+            self.check()

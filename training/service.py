@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -316,15 +317,18 @@ def run_training_worker(settings: Settings, loglevel: str = "INFO", hostname: st
         pool="solo", concurrency=1, queues=[TRAINING_QUEUE], loglevel=loglevel,
         hostname=host_format(hostname or f"training.{os.getpid()}@%h"), without_mingle=True, without_gossip=True,
     )
-    from training.runs import recover_orphans
+    from training.runs import OrphanSweep, recover_orphans
 
     recover_orphans(settings)  # runs a killed worker left "running" end as "failed", with the reason
+    stop_sweep = threading.Event()  # and those a worker on another host left, once its lock expires
+    threading.Thread(target=OrphanSweep(settings).run, args=(stop_sweep,), name="orphan-sweep", daemon=True).start()
     server = _health_server(settings)
     if server is not None:
         server.start()
     try:
         worker.start()
     finally:
+        stop_sweep.set()
         if server is not None:
             server.stop()
     return worker.exitcode or 0

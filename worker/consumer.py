@@ -38,6 +38,7 @@ from shared.broker import (
     RECONNECT_INTERVAL_S,
     AtomicRedisTransport,
     QuickRetryConnection,
+    connection_url,
     park,
     transport_class,
     transport_options,
@@ -309,7 +310,7 @@ class BatchConsumer:
         options = transport_options(self.settings)
         if self.settings.broker_scheme == "filesystem":
             options["polling_interval"] = 0.01
-        return QuickRetryConnection(self.settings.broker_url, transport=transport, transport_options=options)
+        return QuickRetryConnection(connection_url(self.settings), transport=transport, transport_options=options)
 
     def _tick(self) -> None:
         self.last_tick = time.monotonic()

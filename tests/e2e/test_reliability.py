@@ -2,6 +2,7 @@
 
 import base64
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -105,7 +106,8 @@ def test_embedded_defaults_tag_with_no_server(tmp_path, tiny_learner):
         statuses = stack.wait_for([1, 2, 3], timeout_s=60)
         assert {s for s, _, _ in statuses.values()} == {"tagged"}
         # The consumer loop ran its periodic passes (the restore of expired messages first of all,
-        # which only Redis has) without an error: a healthy worker's log has none.
-        assert " ERROR " not in worker.log(), worker.log()[-3000:]
+        # which only Redis has) without an error, and kombu described the file-system broker without
+        # "No hostname was supplied": a healthy worker's log has no error and no warning.
+        assert not re.search(r" (ERROR|WARNING) ", worker.log()), worker.log()[-3000:]
     finally:
         stack.close()

@@ -5,6 +5,7 @@ events, and a worker SIGKILLed mid-run whose run the next worker marks failed.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import sqlalchemy as sa
 
 from bench.stack import poll_until
 from shared.constants import RETRAIN_CHANNEL, RETRAIN_LOCK_KEY, RETRAIN_TASK, TRAINING_QUEUE
-from shared.db import retrain_runs
+from shared.db import retrain_runs, transaction
 from shared.errors import SettingsError
 from shared.messages import check_envelope, decode_body
 from shared.runtime import Runtime
@@ -281,3 +282,161 @@ def test_holder_gone_knows_only_this_host():
     dead.wait()
     assert runs.holder_gone(f"{host} pid {dead.pid}")
     assert not runs.holder_gone(f"another-{host} pid 1") and not runs.holder_gone(None)
+
+
+# --- runs a worker on another host left: the running training worker's check -------------------
+ELSEWHERE = "gone-host pid 4242"  # a training worker on another host, which this host cannot see die
+SWEEP_WAIT_S = 120  # a training worker's start (torch, fastai) on a busy 2-core machine, then two checks
+
+
+def _running_row(rt, run_id: str, worker: str) -> None:
+    with transaction(rt.sessions) as session:
+        runs.insert_queued(session=session, run_id=run_id, options={})
+        session.execute(sa.update(retrain_runs).where(retrain_runs.c.id == run_id).values(
+            state="running", stage="frozen", worker=worker, started_at=runs._now(), updated_at=runs._now()))
+
+
+def _hold_lock(client, holder: str | None) -> None:
+    """The Redis lock as a retrain holds it (``holder`` None: nobody holds it)."""
+    if holder is None:
+        client.delete(RETRAIN_LOCK_KEY)
+    else:
+        client.set(RETRAIN_LOCK_KEY, f"{holder} since 2026-11-25T03:00:00+00:00 (0123abcd)")
+
+
+@pytest.fixture
+def redis_rt(make_settings, redis_url):
+    import redis
+
+    from shared.migrate import upgrade
+
+    settings = make_settings(broker_url=redis_url)
+    upgrade(settings.database_url)
+    rt = Runtime(settings)
+    client = redis.Redis.from_url(redis_url)
+    yield rt, client
+    client.close()
+    rt.close()
+
+
+def test_the_check_fails_a_run_once_its_dead_workers_lock_is_gone_and_two_checks_agree(redis_rt):
+    rt, client = redis_rt
+    _running_row(rt, "dead", ELSEWHERE)
+    _hold_lock(client, ELSEWHERE)  # its worker died, its lock has not expired yet
+    sweep = runs.OrphanSweep(rt.settings)
+    assert sweep.check() == [] and sweep.check() == []  # it may be alive: this host cannot tell
+    assert client.get(RETRAIN_LOCK_KEY).decode().startswith(ELSEWHERE)  # read, never taken
+
+    client.delete(RETRAIN_LOCK_KEY)  # the lock expired
+    assert sweep.check() == []  # a live run releases the lock a moment before it writes its end
+    assert _states(rt)["dead"][0] == "running"
+    assert sweep.check() == ["dead"]
+    state, stage, reason = _states(rt)["dead"]
+    assert (state, stage) == ("failed", "frozen")
+    assert reason == (f"the training worker ({ELSEWHERE}) stopped before the run finished, at stage frozen: "
+                      f"found by {runs.this_worker()} (no retrain held the lock)")
+    assert sweep.check() == []
+
+
+def test_the_check_spares_a_run_that_writes_between_checks_and_its_own_process(redis_rt):
+    rt, client = redis_rt
+    _running_row(rt, "ending", ELSEWHERE)
+    _running_row(rt, "mine", runs.this_worker())  # this process's own retrain: its recorder writes the end
+    _hold_lock(client, None)  # "ending" released the lock a moment ago and writes its end next
+    sweep = runs.OrphanSweep(rt.settings)
+    assert sweep.check() == []
+    with transaction(rt.sessions) as session:  # the run wrote its end stage: it was alive at the last check
+        session.execute(sa.update(retrain_runs).where(retrain_runs.c.id == "ending")
+                        .values(stage="register", updated_at=runs._now() + dt.timedelta(seconds=1)))
+    assert sweep.check() == []
+    assert sweep.check() == ["ending"]
+    assert _states(rt)["mine"][0] == "running"
+
+
+def test_a_run_whose_worker_no_longer_holds_the_lock_is_failed_at_a_workers_start(redis_rt):
+    rt, client = redis_rt
+    _running_row(rt, "dead", ELSEWHERE)
+    _running_row(rt, "alive", "other-host pid 7")
+    _hold_lock(client, "other-host pid 7")  # another run holds the lock: "dead"'s worker is not alive
+    assert runs.recover_orphans(rt.settings) == ["dead"]
+    assert "the retrain lock was held by other-host pid 7 since" in _states(rt)["dead"][2]
+    assert _states(rt)["alive"][0] == "running"
+
+
+def test_the_file_lock_s_last_line_is_a_holder_only_while_its_process_lives(make_settings):
+    from shared.constants import RETRAIN_LOCK_FILE
+    from shared.migrate import upgrade
+
+    settings = make_settings()  # the filesystem broker: a file lock in the data folder
+    upgrade(settings.database_url)
+    lock_file = settings.data_dir / RETRAIN_LOCK_FILE
+    host = runs.this_worker().split(" pid ")[0]
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    rt = Runtime(settings)
+    try:
+        _running_row(rt, "alive", f"{host} pid {os.getppid()}")
+        lock_file.write_text(f"{host} pid {os.getppid()} since 2026-11-25T03:00:00+00:00 (0123abcd)\n")
+        sweep = runs.OrphanSweep(settings)
+        assert runs.recover_orphans(settings) == [] and sweep.check() == [] and sweep.check() == []
+
+        # SIGKILLed: the kernel freed the lock, not the line. "alive" is no longer the holder either.
+        _running_row(rt, "killed", f"{host} pid {gone.pid}")
+        lock_file.write_text(f"{host} pid {gone.pid} since 2026-11-25T03:00:00+00:00 (0123abcd)\n")
+        assert sorted(runs.recover_orphans(settings)) == ["alive", "killed"]
+        _running_row(rt, "released", "other-host pid 7")
+        lock_file.write_text("")  # a retrain that ended empties the line
+        assert sweep.check() == [] and sweep.check() == ["released"]
+    finally:
+        rt.close()
+
+
+def test_a_running_training_worker_fails_a_run_left_on_another_host_once_its_lock_expires(
+        make_settings, pg_url, redis_url, tmp_path):
+    import redis
+
+    from shared.celery_app import create_app
+    from shared.migrate import upgrade
+
+    settings = make_settings(database_url=pg_url, broker_url=redis_url, orphan_check_s=0.5)
+    upgrade(settings.database_url)
+    rt = Runtime(settings)
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    pubsub.subscribe(RETRAIN_CHANNEL)
+    _running_row(rt, "left", ELSEWHERE)
+    _hold_lock(client, ELSEWHERE)  # its worker died a moment ago: the lock has not expired
+    log_path = tmp_path / "training-worker.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STILLTAG_")} | env_for(settings) | {
+        "STILLTAG_ORPHAN_CHECK_S": "0.5"}
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "stilltag.cli", "worker", "--queues", TRAINING_QUEUE],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+    app = create_app(settings)
+    try:
+        node = f"training.{proc.pid}@"
+
+        def consuming() -> bool:  # past its start (and its recover_orphans): Celery answers
+            try:
+                return any(name.startswith(node) for name in app.control.inspect(timeout=1).ping() or {})
+            except Exception:
+                return False
+
+        poll_until(consuming, SWEEP_WAIT_S, "the training worker to answer inspect ping",
+                   detail=lambda: log_tail(log_path))
+        assert run_row(settings, "left")["state"] == "running"  # at its start, the lock was held
+        client.delete(RETRAIN_LOCK_KEY)  # the dead worker's lock expires
+        failed = poll_until(lambda: (r := run_row(settings, "left")) and r["state"] != "running" and r,
+                            SWEEP_WAIT_S, "the worker's check to fail the run", interval_s=0.2,
+                            detail=lambda: log_tail(log_path))
+    finally:
+        stop(proc)
+        app.close()
+        rt.close()
+    assert failed["state"] == "failed" and failed["finished_at"] is not None
+    host = runs.this_worker().split(" pid ")[0]
+    assert failed["reason"] == (f"the training worker ({ELSEWHERE}) stopped before the run finished, at stage frozen: "
+                                f"found by {host} pid {proc.pid} (no retrain held the lock)")
+    assert [(e["run_id"], e["state"]) for e in events(pubsub)] == [("left", "failed")]
+    pubsub.close()
+    client.close()

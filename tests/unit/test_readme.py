@@ -176,6 +176,8 @@ def test_retraining_section_states_the_real_defaults():
     assert f"`STILLTAG_TRAIN_ARCH` ({defaults['train_arch'].default})" in text
     assert f"`STILLTAG_GATE_TOLERANCE` (default {defaults['gate_tolerance'].default:g})" in text
     assert f"expires within {LOCK_TTL_S // 60} minutes" in text
+    assert f"every `STILLTAG_ORPHAN_CHECK_S` ({defaults['orphan_check_s'].default:g} s)" in text
+    assert f"within about {(LOCK_TTL_S + 2 * defaults['orphan_check_s'].default) / 60:g} minutes of the death" in text
     assert "F2 (samples-averaged, at `STILLTAG_THRESHOLD`)" in text
 
 
