@@ -56,11 +56,23 @@ def redis_lock(url: str, *, key: str = RETRAIN_LOCK_KEY, ttl_s: float = LOCK_TTL
             while not stop.wait(ttl_s / 5):  # five chances to renew before it expires
                 try:
                     lock.reacquire()
+                    continue
                 except LockError:
-                    log.error("the retrain lock %s was lost (expired?); another retrain may start", key)
-                    return
+                    pass  # expired while Redis was out of reach, or lost with a Redis restart
                 except Exception:  # Redis briefly away: try again on the next tick
                     log.warning("could not renew the retrain lock %s", key, exc_info=True)
+                    continue
+                try:  # take it again, so that no other retrain starts and this run still shows its holder
+                    if lock.acquire(blocking=False, token=token):
+                        log.warning("the retrain lock %s had expired (Redis out of reach?); taken again", key)
+                        continue
+                    other: bytes | None = client.get(key)  # type: ignore[assignment]
+                except Exception:
+                    log.warning("could not take the expired retrain lock %s again", key, exc_info=True)
+                    continue
+                log.error("the retrain lock %s was lost to %s; two retrains run at once", key,
+                          other.decode() if other else "another retrain")
+                return
 
         renewer = threading.Thread(target=renew, name="retrain-lock", daemon=True)
         renewer.start()

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict], None]
 FINISHED = (RUN_SUCCEEDED, RUN_FAILED, RUN_SKIPPED)
+_recording: set[str] = set()  # the runs this process records now (``tracked``): alive, whatever the lock says
 
 
 def this_worker() -> str:
@@ -178,6 +179,7 @@ def tracked(settings: Settings, run_id: str | None, options: dict | None = None,
     """
     rt = Runtime(settings)
     recorder = RunRecorder(rt, run_id or new_run_id(), options, forward=forward)
+    _recording.add(recorder.run_id)
     try:
         recorder.queued()
         try:
@@ -194,6 +196,7 @@ def tracked(settings: Settings, run_id: str | None, options: dict | None = None,
         else:
             recorder.finish(RUN_SUCCEEDED, reason=recorder.reason, version=recorder.version)
     finally:
+        _recording.discard(recorder.run_id)
         rt.close()
 
 
@@ -205,7 +208,7 @@ def holder_gone(worker: str | None) -> bool:
     """Whether the process named ``host pid N`` is known to be gone (only this host can tell).
 
     The same pid as ours is a former incarnation of this process (a restarted container keeps its
-    host name and often its pid), since a process that is starting runs no retrain.
+    host name and often its pid); the callers spare the runs this process records itself.
     """
     match = _WORKER.match(worker or "")
     if not match or match["host"] != socket.gethostname():
@@ -247,20 +250,28 @@ def fail_orphans(rt: Runtime, *, reason: str, keep: str | None = None,
     return [r["id"] for r in orphans]
 
 
-def abandoned(worker: str | None, holder: str | None, *, starting: bool = False) -> bool:
-    """Whether a run left ``running`` by ``worker`` (``host pid N``) cannot be alive, given the lock's
-    ``holder`` (``host pid N since …``, None: nobody holds it).
+def abandoned(run_id: str, worker: str | None, holder: str | None) -> bool:
+    """Whether run ``run_id``, left ``running`` by ``worker`` (``host pid N``), cannot be alive,
+    given the lock's ``holder`` (``host pid N since …``, None: nobody holds it).
 
     A retrain holds the lock for its whole run, so a live run's process is the holder: the run is
     abandoned when nobody holds the lock, when another process does, or when its process is known
-    to be gone. ``starting``: the caller is a process that runs no retrain yet, so a run with its
-    own host and pid is a former incarnation's (``holder_gone``).
+    to be gone. A run this process is recording is alive, whatever the lock says.
     """
-    if worker == this_worker() and not starting:
-        return False  # this process's own run: alive, and its recorder writes the end
+    if run_id in _recording:
+        return False
     if holder is None or not holder.startswith(f"{worker} since "):
         return True
     return holder_gone(worker)
+
+
+def known_dead(run_id: str, worker: str | None, holder: str | None) -> bool:
+    """``abandoned``, without the doubt of a lock nobody holds: a live run on another host may be
+    between its lock's release and its last write, or about to take its lock again after a
+    Redis outage (``OrphanSweep`` waits for a second check for those)."""
+    if run_id in _recording:
+        return False
+    return holder_gone(worker) or (holder is not None and abandoned(run_id, worker, holder))
 
 
 def _running(rt: Runtime) -> dict[str, tuple]:
@@ -274,9 +285,9 @@ def _running(rt: Runtime) -> dict[str, tuple]:
 def recover_orphans(settings: Settings) -> list[str]:
     """At a training worker's start: runs left ``running`` by a process that is gone become ``failed``.
 
-    Gone means: no retrain holds the lock, another process holds it, or the run's process is known
-    to be gone (same host, no such pid). A run whose worker on another host may still hold the
-    Redis lock is left to ``OrphanSweep`` (once the lock expires) or to the next run that takes it.
+    Gone means: its process is known to be gone (same host, no such pid), or another process holds
+    the lock. A run on another host while nobody, or its own (possibly dead) worker, holds the lock
+    is left to ``OrphanSweep``.
     """
     rt = Runtime(settings)
     try:
@@ -284,7 +295,7 @@ def recover_orphans(settings: Settings) -> list[str]:
         if not running:
             return []
         holder = lock_holder(settings)
-        dead = {run_id for run_id, (worker, _) in running.items() if abandoned(worker, holder, starting=True)}
+        dead = {run_id for run_id, (worker, _) in running.items() if known_dead(run_id, worker, holder)}
         return fail_orphans(rt, reason=f"found by {this_worker()} at its start ({_why(holder)})",
                             only=lambda r: r["id"] in dead) if dead else []
     except (SQLAlchemyError, OSError, RedisError) as exc:
@@ -301,11 +312,12 @@ def _why(holder: str | None) -> str:
 class OrphanSweep:
     """A training worker's check, every ``orphan_check_s``, for runs whose worker died elsewhere.
 
-    ``recover_orphans`` at a worker's start leaves a run alone while its (possibly dead) worker on
-    another host may still hold the Redis lock; the lock expires within ``LOCK_TTL_S`` of that
+    ``recover_orphans`` at a worker's start leaves a run on another host alone while nobody, or its
+    own (possibly dead) worker, holds the lock; that lock expires within ``LOCK_TTL_S`` of the
     worker's death. A run is failed when two checks in a row find it abandoned with the same
-    ``updated_at``: a live run releases the lock a moment before it writes its end, and must not be
-    failed in that moment. The lock is read, never taken, so no retrain is ever skipped for a check.
+    ``updated_at``: a live run releases the lock a moment before it writes its end, and takes it
+    again within ``LOCK_TTL_S / 5`` if it expired while Redis was out of reach; neither is failed.
+    The lock is read, never taken, so no retrain is ever skipped for a check.
     """
 
     def __init__(self, settings: Settings):
@@ -318,7 +330,8 @@ class OrphanSweep:
         try:
             running = _running(rt)
             holder = lock_holder(self.settings) if running else None
-            found = {run_id: updated for run_id, (worker, updated) in running.items() if abandoned(worker, holder)}
+            found = {run_id: updated for run_id, (worker, updated) in running.items()
+                     if abandoned(run_id, worker, holder)}
             confirmed = {run_id for run_id, updated in found.items() if self.suspects.get(run_id) == updated}
             self.suspects = found
             if not confirmed:

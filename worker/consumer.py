@@ -200,6 +200,8 @@ class BatchConsumer:
         self.last_tick = time.monotonic()  # the consume loop ran
         self.last_progress = time.monotonic()  # a message was taken or a batch committed
         self.inference_started_at: float | None = None  # a batch is in the forward pass since
+        self.decoding_since: float | None = None  # a batch taken waits for its images' decodes since
+        self.decoding = 0  # the images of that batch
 
     # --- main thread ------------------------------------------------------------------------
     def on_message(self, message) -> None:
@@ -227,7 +229,7 @@ class BatchConsumer:
 
     def held(self) -> int:
         """Messages this worker holds and has not sent to the forward pass."""
-        return len(self.pending)
+        return len(self.pending) + self.decoding
 
     def _progress(self) -> None:
         self.last_progress = time.monotonic()
@@ -366,9 +368,10 @@ class BatchConsumer:
         comes back, for the queue."""
         with self._cond:
             self._closing = True
-            left = self.pending.drain()
             self._cond.notify_all()
         self._inference.join()
+        # Drained after the join: a batch that was waiting for its decodes went back to pending.
+        left = self.pending.drain()
         if self._ahead is not None:
             left = [*self._ahead.items, *left]
             self._ahead = None
@@ -432,7 +435,9 @@ class BatchConsumer:
                 due = self.pending.due_at(max_batch=self.settings.max_batch, max_wait_s=self.max_wait_s)
                 if due is not None and due <= now:
                     batch = self.pending.take(self.settings.max_batch, now)
-                    if self._wait_decoded(batch):
+                    # Uploads left over (the batch is full of older ones and starving backfill) would
+                    # make the same batch again: it yields only to an upload that arrives from now on.
+                    if self._wait_decoded(batch, yield_to_uploads=not self.pending.outranks(batch)):
                         return batch
                     continue  # back in pending: an upload came, it goes first
                 if due is None and now >= next_check:
@@ -440,21 +445,27 @@ class BatchConsumer:
                 self._cond.wait(max(0.0, min(next_check if due is None else due, next_check) - now))
         return None
 
-    def _wait_decoded(self, batch: Batch) -> bool:
+    def _wait_decoded(self, batch: Batch, *, yield_to_uploads: bool = True) -> bool:
         """(Holding ``_cond``.) Until every image of ``batch`` is decoded: True. False, with the batch
-        back in pending, when an upload that outranks it arrives meanwhile (or the consumer closes).
+        back in pending, when an upload that outranks it arrives meanwhile (``yield_to_uploads``) or
+        the consumer closes. ``decoding_since`` says how long it has waited (the liveness check).
 
         Where decoding is the bottleneck (a GPU, or a CPU whose forward pass is fast) a batch of
         backfill is taken long before its last image is decoded; an upload that arrived meanwhile
         would wait for all of those decodes and that batch's forward pass. Decoded in a pool of its
         own (Tagger.submit), it is ready long before, and rides in the next batch at once instead.
         """
-        while not all(held.future.done() for held in batch.items):
-            if self._closing or self.pending.outranks(batch):
-                self.pending.put_back(batch)
-                return False
-            self._cond.wait(WAIT_DECODED_S)
-        return True
+        self.decoding = len(batch.items)
+        self.decoding_since = time.monotonic()
+        try:
+            while not all(held.future.done() for held in batch.items):
+                if self._closing or (yield_to_uploads and self.pending.outranks(batch)):
+                    self.pending.put_back(batch)
+                    return False
+                self._cond.wait(WAIT_DECODED_S)
+            return True
+        finally:
+            self.decoding, self.decoding_since = 0, None
 
     def _look_ahead(self) -> None:
         """On a GPU, with a full batch already pending: take it now and start its copy to the device

@@ -28,8 +28,10 @@ class Liveness:
     """The ``/livez`` verdict from a consumer's progress stamps (all monotonic seconds).
 
     Args:
-        consumer: has ``last_tick``, ``last_progress``, ``inference_started_at`` and ``held()``.
-        max_batch_s: how long one forward pass + commit may take before it counts as stuck.
+        consumer: has ``last_tick``, ``last_progress``, ``inference_started_at``, ``decoding_since``
+            and ``held()``.
+        max_batch_s: how long one forward pass + commit, or one batch's fetches and decodes, may
+            take before it counts as stuck.
         clock: for tests.
     """
 
@@ -50,6 +52,11 @@ class Liveness:
             if now - started > self.max_batch_s:
                 return False, f"a batch has been in the forward pass for {now - started:.0f} s"
             return True, "tagging a batch"
+        waiting = c.decoding_since
+        if waiting is not None:
+            if now - waiting > self.max_batch_s:
+                return False, f"a batch has waited {now - waiting:.0f} s for its images to be fetched and decoded"
+            return True, "decoding a batch"
         work = c.held() + self.waiting
         if work and now - c.last_progress > self.stall_s:
             return False, (f"{work} message(s) wait and none was taken or committed "

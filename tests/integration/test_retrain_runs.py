@@ -338,19 +338,59 @@ def test_the_check_fails_a_run_once_its_dead_workers_lock_is_gone_and_two_checks
     assert sweep.check() == []
 
 
-def test_the_check_spares_a_run_that_writes_between_checks_and_its_own_process(redis_rt):
+def test_the_check_spares_a_run_that_writes_between_checks_and_the_run_its_process_records(redis_rt):
     rt, client = redis_rt
-    _running_row(rt, "ending", ELSEWHERE)
-    _running_row(rt, "mine", runs.this_worker())  # this process's own retrain: its recorder writes the end
-    _hold_lock(client, None)  # "ending" released the lock a moment ago and writes its end next
+    with runs.tracked(rt.settings, "mine", {}) as progress:  # this process's own retrain
+        progress("stage", {"name": "frozen"})
+        _running_row(rt, "ending", ELSEWHERE)
+        _running_row(rt, "unwritten", runs.this_worker())  # this process could not write its end
+        _hold_lock(client, None)  # "ending" released the lock a moment ago and writes its end next
+        sweep = runs.OrphanSweep(rt.settings)
+        assert sweep.check() == []
+        with transaction(rt.sessions) as session:  # it wrote its last stage: it was alive at the last check
+            session.execute(sa.update(retrain_runs).where(retrain_runs.c.id == "ending")
+                            .values(stage="register", updated_at=runs._now() + dt.timedelta(seconds=1)))
+        assert sweep.check() == ["unwritten"]
+        assert sweep.check() == ["ending"]
+        assert sweep.check() == [] and _states(rt)["mine"][0] == "running"
+        progress("done", {"version": "v2", "reason": "first model"})
+    assert _states(rt)["mine"][0] == "succeeded"
+    assert sweep.check() == [] and sweep.check() == []
+
+
+def test_a_worker_s_start_leaves_a_run_elsewhere_with_a_free_lock_to_the_two_checks(redis_rt):
+    """At a training worker's start, a free lock does not prove a run on another host dead: it may be
+    writing its end, or taking its lock again after a Redis outage. The checks decide."""
+    rt, client = redis_rt
+    _running_row(rt, "quiet", ELSEWHERE)
+    _hold_lock(client, None)
+    assert runs.recover_orphans(rt.settings) == []
     sweep = runs.OrphanSweep(rt.settings)
-    assert sweep.check() == []
-    with transaction(rt.sessions) as session:  # the run wrote its end stage: it was alive at the last check
-        session.execute(sa.update(retrain_runs).where(retrain_runs.c.id == "ending")
-                        .values(stage="register", updated_at=runs._now() + dt.timedelta(seconds=1)))
-    assert sweep.check() == []
-    assert sweep.check() == ["ending"]
-    assert _states(rt)["mine"][0] == "running"
+    assert sweep.check() == [] and sweep.check() == ["quiet"]
+
+
+def test_a_retrain_takes_its_lock_again_when_it_expired_while_redis_was_away(redis_url, caplog):
+    import logging
+
+    import redis
+
+    from training.lock import redis_lock
+
+    caplog.set_level(logging.WARNING, logger="training.lock")
+    client = redis.Redis.from_url(redis_url)
+    other = "another-host pid 9 since 2026-11-25T03:00:00+00:00 (0123abcd)"
+    try:
+        with redis_lock(redis_url, ttl_s=1) as holder:  # renewed every 0.2 s
+            client.delete(RETRAIN_LOCK_KEY)  # expired while Redis was out of reach, or lost in a restart
+            poll_until(lambda: client.get(RETRAIN_LOCK_KEY) == holder.encode(), 10, "the lock taken again")
+            assert "had expired (Redis out of reach?); taken again" in caplog.text
+            client.set(RETRAIN_LOCK_KEY, other)  # another retrain took it meanwhile: it is not taken back
+            poll_until(lambda: "was lost to" in caplog.text, 10, "the renewer to find the lock lost")
+            assert client.get(RETRAIN_LOCK_KEY).decode() == other
+        assert client.get(RETRAIN_LOCK_KEY).decode() == other  # nor released: it is not its own
+    finally:
+        client.delete(RETRAIN_LOCK_KEY)
+        client.close()
 
 
 def test_a_run_whose_worker_no_longer_holds_the_lock_is_failed_at_a_workers_start(redis_rt):

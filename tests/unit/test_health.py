@@ -27,6 +27,7 @@ class FakeConsumer:
     def __init__(self, clock: Clock):
         self.last_tick = self.last_progress = clock.now
         self.inference_started_at = None
+        self.decoding_since = None
         self.holding = 0
 
     def held(self) -> int:
@@ -80,6 +81,21 @@ def test_a_long_forward_pass_is_alive_until_the_visibility_timeout(clock):
     consumer.last_tick = clock.now
     ok, reason = live.check()
     assert not ok and "forward pass" in reason
+
+
+def test_a_batch_waiting_for_its_decodes_is_alive_until_the_visibility_timeout(clock):
+    """A batch taken waits for its images' fetches and decodes (a slow image store): alive as a
+    forward pass is; a fetch that hangs for good is not, though nothing else is held."""
+    consumer = FakeConsumer(clock)
+    live = Liveness(consumer, max_batch_s=120, clock=clock)
+    consumer.decoding_since = clock.now
+    clock.now += 100
+    consumer.last_tick = clock.now
+    assert live.check() == (True, "decoding a batch")
+    clock.now += 21
+    consumer.last_tick = clock.now
+    ok, reason = live.check()
+    assert not ok and reason == "a batch has waited 121 s for its images to be fetched and decoded"
 
 
 def test_watchdog_exits_only_after_stall_exit_s_of_failing(clock):

@@ -149,6 +149,78 @@ def test_an_upload_goes_ahead_of_a_batch_still_decoding():
     assert [int(json.loads(h.message.body)[0][0]) for h in batch.items] == [1, 3, 4]
 
 
+def _consumer(max_batch: int = 4, **settings):
+    """A BatchConsumer on a tagger whose decodes finish only when the test says (``futures``)."""
+    from types import SimpleNamespace
+
+    from shared.config import Settings
+    from worker.consumer import BatchConsumer
+
+    futures: dict[int, Future] = {}
+
+    def submit(image_id: int, *, upload: bool = False) -> Future:
+        futures[image_id] = Future()
+        return futures[image_id]
+
+    tagger = SimpleNamespace(settings=Settings(broker_url="redis://127.0.0.1:6379/0", max_batch=max_batch,
+                                               max_wait_ms=10, **settings), upload_fill=None, submit=submit)
+    return BatchConsumer(tagger, queues=("tagging", "backfill")), futures
+
+
+def _ids(items) -> list[int]:
+    return [int(json.loads(h.message.body)[0][0]) for h in items]
+
+
+def test_a_batch_waiting_for_its_decodes_goes_back_to_the_queue_when_the_worker_stops():
+    import threading
+
+    from bench.stack import poll_until
+
+    consumer, _futures = _consumer()
+    for image_id in range(1, 5):
+        consumer.on_message(_message("backfill", image_id))
+    consumer._inference = threading.Thread(target=consumer._next_batch)
+    consumer._inference.start()
+    poll_until(lambda: len(consumer.pending) == 0, 10, "the batch taken, waiting for its decodes")
+    left = consumer._close_inference()  # graceful stop: Celery's warm shutdown
+    assert not consumer._inference.is_alive()
+    assert sorted(_ids(left)) == [1, 2, 3, 4]  # returned to the queue now, not at the visibility timeout
+
+
+def test_uploads_left_over_do_not_make_the_inference_thread_take_the_same_batch_again():
+    """Backfill held too long rides first, with the oldest uploads; the uploads left over would
+    outrank that batch at once. It waits for its decodes (releasing the lock) instead of putting
+    the batch back and taking the very same one again, in a loop that holds the lock."""
+    import threading
+
+    from bench.stack import poll_until
+
+    consumer, futures = _consumer()
+    consumer.on_message(_message("backfill", 1))
+    with consumer._cond:
+        for lane in consumer.pending.lanes.values():
+            for h in lane:
+                h.arrived_at -= consumer.pending.starve_s  # held long enough to starve
+    for image_id in range(100, 105):
+        consumer.on_message(_message("tagging", image_id))
+    takes = []
+    take = consumer.pending.take
+    consumer.pending.take = lambda *a: takes.append(1) or take(*a)
+    taken: list = []
+    inference = threading.Thread(target=lambda: taken.append(consumer._next_batch()))
+    inference.start()
+    poll_until(lambda: takes, 10, "the batch taken")
+    assert consumer._cond.acquire(timeout=10), "the inference thread holds the lock: it spins"
+    try:
+        assert len(takes) == 1
+    finally:
+        consumer._cond.release()
+    for f in futures.values():
+        f.set_result(None)
+    inference.join(10)
+    assert _ids(taken[0].items) == [1, 100, 101, 102]
+
+
 def test_the_first_queues_messages_decode_in_the_uploads_own_pool():
     """``BatchConsumer.on_message``: a message from the first of several queues (uploads) is fetched
     and decoded in the uploads' own pool, never behind the backfill the worker holds; the other
