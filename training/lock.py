@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from shared.config import Settings
 from shared.constants import RETRAIN_LOCK_FILE, RETRAIN_LOCK_KEY
@@ -120,8 +121,9 @@ def lock_holder(settings: Settings) -> str | None:
     """Who holds the retrain lock (``host pid N since …``), without taking it; None when nobody does.
 
     The Redis key is the truth. The lock file keeps the last holder's line after a SIGKILL (the
-    kernel frees the lock, not the line): a line is a holder only if that process is not known gone,
-    which the caller checks with the host and pid (``training.runs.holder_gone``).
+    kernel frees the lock, not the line), so the line counts only while the kernel says someone
+    holds the file (Linux's ``/proc/locks``); where that cannot be read, the caller checks the line's
+    host and pid (``training.runs.holder_gone``).
     """
     if settings.broker_is_redis:
         import redis
@@ -131,11 +133,31 @@ def lock_holder(settings: Settings) -> str | None:
             holder: bytes | None = client.get(RETRAIN_LOCK_KEY)  # type: ignore[assignment]
         finally:
             client.close()
-        return holder.decode() if holder else None
+        return holder.decode(errors="replace") if holder else None
+    path = settings.data_dir / RETRAIN_LOCK_FILE
     try:
-        return (settings.data_dir / RETRAIN_LOCK_FILE).read_text(encoding="utf-8").strip() or None
+        line = path.read_text(encoding="utf-8", errors="replace").strip()
+        held = _flocked(path.stat().st_ino)
     except FileNotFoundError:
         return None
+    if held is False:
+        return None  # the kernel freed the lock: the line is a dead holder's
+    return line or None
+
+
+def _flocked(inode: int) -> bool | None:
+    """Whether some process holds an flock on the file with this inode, from ``/proc/locks``
+    (which lists every lock the kernel holds, and takes none); None where it cannot be read."""
+    try:
+        text = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146769 0 EOF"; a waiter's line has "->" after the id.
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+            return True
+    return False
 
 
 @contextmanager

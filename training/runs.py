@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 from redis.exceptions import RedisError
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared.config import Settings
@@ -46,13 +47,14 @@ from shared.db import retrain_runs, transaction
 from shared.errors import one_line
 from shared.runtime import Runtime
 from training.dataset import DatasetError
-from training.lock import RetrainBusy, lock_holder
+from training.lock import LOCK_TTL_S, RetrainBusy, lock_holder
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, dict], None]
 FINISHED = (RUN_SUCCEEDED, RUN_FAILED, RUN_SKIPPED)
 _recording: set[str] = set()  # the runs this process records now (``tracked``): alive, whatever the lock says
+HEARTBEAT_S = LOCK_TTL_S / 5  # a running run's updated_at moves at least this often (OrphanSweep)
 
 
 def this_worker() -> str:
@@ -164,6 +166,18 @@ class RunRecorder:
         if self.forward is not None:
             self.forward(name, fields)
 
+    def heartbeat(self) -> None:
+        """While running: move ``updated_at``, so that ``OrphanSweep`` sees the run alive even when
+        its lock is out of reach (Redis partitioned from this host, not the database)."""
+        if self.state != RUN_RUNNING:
+            return
+        try:
+            with transaction(self.rt.sessions) as session:
+                session.execute(sa.update(retrain_runs).where(retrain_runs.c.id == self.run_id)
+                                .where(retrain_runs.c.state == RUN_RUNNING).values(updated_at=_now()))
+        except SQLAlchemyError as exc:
+            log.warning("could not record that retrain run %s is alive: %s", self.run_id, one_line(str(exc)))
+
     def finish(self, state: str, *, reason: str | None, version: str | None = None) -> None:
         self.state = state
         self._write(state=state, reason=reason, version=version, finished_at=_now())
@@ -180,6 +194,13 @@ def tracked(settings: Settings, run_id: str | None, options: dict | None = None,
     rt = Runtime(settings)
     recorder = RunRecorder(rt, run_id or new_run_id(), options, forward=forward)
     _recording.add(recorder.run_id)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            recorder.heartbeat()
+
+    threading.Thread(target=beat, name="retrain-heartbeat", daemon=True).start()
     try:
         recorder.queued()
         try:
@@ -196,6 +217,7 @@ def tracked(settings: Settings, run_id: str | None, options: dict | None = None,
         else:
             recorder.finish(RUN_SUCCEEDED, reason=recorder.reason, version=recorder.version)
     finally:
+        stop.set()
         _recording.discard(recorder.run_id)
         rt.close()
 
@@ -232,15 +254,21 @@ def fail_orphans(rt: Runtime, *, reason: str, keep: str | None = None,
         with transaction(rt.sessions) as session:
             rows = [r._asdict() for r in session.execute(sa.select(retrain_runs)
                                                          .where(retrain_runs.c.state == RUN_RUNNING))]
-            orphans = [r for r in rows if r["id"] != keep and (only is None or only(r))]
+            candidates = [r for r in rows if r["id"] != keep and (only is None or only(r))]
+            orphans = []
             now = _now()
-            for r in orphans:
+            for r in candidates:
+                seen_at = r["updated_at"]
                 r.update(state=RUN_FAILED, finished_at=now,
                          reason=f"the training worker ({r['worker']}) stopped before the run finished, at stage "
                                 f"{r['stage'] or '-'}: {reason}")
-                session.execute(sa.update(retrain_runs).where(retrain_runs.c.id == r["id"])
-                                .where(retrain_runs.c.state == RUN_RUNNING)
-                                .values(state=RUN_FAILED, reason=r["reason"], finished_at=now, updated_at=now))
+                # Not if the run wrote (or beat) since it was read: then it is alive.
+                update = (sa.update(retrain_runs).where(retrain_runs.c.id == r["id"])
+                          .where(retrain_runs.c.state == RUN_RUNNING).where(retrain_runs.c.updated_at == seen_at)
+                          .values(state=RUN_FAILED, reason=r["reason"], finished_at=now, updated_at=now))
+                done: CursorResult = session.execute(update)  # type: ignore[assignment]
+                if done.rowcount:
+                    orphans.append(r)
     except SQLAlchemyError as exc:
         log.warning("could not look for abandoned retrain runs: %s", one_line(str(exc)))
         return []
@@ -315,8 +343,9 @@ class OrphanSweep:
     ``recover_orphans`` at a worker's start leaves a run on another host alone while nobody, or its
     own (possibly dead) worker, holds the lock; that lock expires within ``LOCK_TTL_S`` of the
     worker's death. A run is failed when two checks in a row find it abandoned with the same
-    ``updated_at``: a live run releases the lock a moment before it writes its end, and takes it
-    again within ``LOCK_TTL_S / 5`` if it expired while Redis was out of reach; neither is failed.
+    ``updated_at``: a live run moves it every ``HEARTBEAT_S``, even while its lock is out of reach;
+    it releases the lock a moment before it writes its end, and takes the lock again within
+    ``LOCK_TTL_S / 5`` if it expired while Redis was out of reach. None of these is failed.
     The lock is read, never taken, so no retrain is ever skipped for a check.
     """
 
@@ -350,4 +379,7 @@ class OrphanSweep:
     def run(self, stop: threading.Event) -> None:
         """Check every ``orphan_check_s`` until ``stop`` is set (a daemon thread's target)."""
         while not stop.wait(self.settings.orphan_check_s):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # the next check may do better; the thread must not end
+                log.exception("the check for abandoned retrain runs failed")

@@ -436,7 +436,8 @@ class BatchConsumer:
                 if due is not None and due <= now:
                     batch = self.pending.take(self.settings.max_batch, now)
                     # Uploads left over (the batch is full of older ones and starving backfill) would
-                    # make the same batch again: it yields only to an upload that arrives from now on.
+                    # make the same batch again, and so would any upload arriving after them: such a
+                    # batch yields to no upload, it waits for its decodes.
                     if self._wait_decoded(batch, yield_to_uploads=not self.pending.outranks(batch)):
                         return batch
                     continue  # back in pending: an upload came, it goes first

@@ -358,6 +358,24 @@ def test_the_check_spares_a_run_that_writes_between_checks_and_the_run_its_proce
     assert sweep.check() == [] and sweep.check() == []
 
 
+def test_a_live_run_whose_lock_is_out_of_reach_is_spared_by_its_heartbeat(redis_rt, monkeypatch):
+    """Redis cut off from the run's host (not the database): its lock expires, but the run still
+    moves its updated_at every HEARTBEAT_S, so no two checks find it the same."""
+    rt, client = redis_rt
+    monkeypatch.setattr(runs, "HEARTBEAT_S", 0.1)
+    with runs.tracked(rt.settings, "partitioned", {}) as progress:
+        progress("stage", {"name": "frozen"})
+        runs._recording.discard("partitioned")  # as another training worker sees it: not its own run
+        _hold_lock(client, None)
+        sweep = runs.OrphanSweep(rt.settings)
+        assert sweep.check() == []
+        before = sweep.suspects["partitioned"]
+        poll_until(lambda: run_row(rt.settings, "partitioned")["updated_at"] != before, 10, "a heartbeat")
+        assert sweep.check() == [] and _states(rt)["partitioned"][0] == "running"
+        progress("done", {"version": "v2", "reason": "first model"})
+    assert _states(rt)["partitioned"][0] == "succeeded"
+
+
 def test_a_worker_s_start_leaves_a_run_elsewhere_with_a_free_lock_to_the_two_checks(redis_rt):
     """At a training worker's start, a free lock does not prove a run on another host dead: it may be
     writing its end, or taking its lock again after a Redis outage. The checks decide."""
@@ -403,31 +421,52 @@ def test_a_run_whose_worker_no_longer_holds_the_lock_is_failed_at_a_workers_star
     assert _states(rt)["alive"][0] == "running"
 
 
-def test_the_file_lock_s_last_line_is_a_holder_only_while_its_process_lives(make_settings):
+HOLD_FILE_LOCK = """
+import sys
+from pathlib import Path
+from training.lock import file_lock
+with file_lock(Path(sys.argv[1])) as holder:
+    print(holder, flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_the_file_lock_s_line_is_a_holder_only_while_the_kernel_says_the_file_is_locked(make_settings):
+    """The filesystem broker's lock: a process holds the file (flock) and wrote its line. Killed, the
+    kernel frees the lock but the line stays; the line's pid may even be reused by a live process."""
     from shared.constants import RETRAIN_LOCK_FILE
     from shared.migrate import upgrade
 
-    settings = make_settings()  # the filesystem broker: a file lock in the data folder
+    settings = make_settings()
     upgrade(settings.database_url)
     lock_file = settings.data_dir / RETRAIN_LOCK_FILE
-    host = runs.this_worker().split(" pid ")[0]
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    repo = Path(__file__).resolve().parents[2]
+    holder_proc = subprocess.Popen([sys.executable, "-c", HOLD_FILE_LOCK, str(lock_file)], cwd=repo, text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     rt = Runtime(settings)
     try:
-        _running_row(rt, "alive", f"{host} pid {os.getppid()}")
-        lock_file.write_text(f"{host} pid {os.getppid()} since 2026-11-25T03:00:00+00:00 (0123abcd)\n")
+        holder = holder_proc.stdout.readline().strip()  # the lock is held once it says who holds it
+        worker = holder.split(" since ")[0]
+        assert worker.endswith(f" pid {holder_proc.pid}")
+        _running_row(rt, "alive", worker)
         sweep = runs.OrphanSweep(settings)
         assert runs.recover_orphans(settings) == [] and sweep.check() == [] and sweep.check() == []
 
-        # SIGKILLed: the kernel freed the lock, not the line. "alive" is no longer the holder either.
-        _running_row(rt, "killed", f"{host} pid {gone.pid}")
-        lock_file.write_text(f"{host} pid {gone.pid} since 2026-11-25T03:00:00+00:00 (0123abcd)\n")
-        assert sorted(runs.recover_orphans(settings)) == ["alive", "killed"]
-        _running_row(rt, "released", "other-host pid 7")
-        lock_file.write_text("")  # a retrain that ended empties the line
-        assert sweep.check() == [] and sweep.check() == ["released"]
+        holder_proc.kill()  # SIGKILL: the kernel frees the lock, the line stays
+        holder_proc.wait()
+        assert lock_file.read_text().strip() == holder
+        assert runs.recover_orphans(settings) == ["alive"]  # same host, no such pid: at once
+
+        # The same line, its pid now a live process's (reused): no flock, so not a holder either.
+        reused = f"{worker.split(' pid ')[0]} pid {os.getppid()}"
+        _running_row(rt, "reused", reused)
+        lock_file.write_text(f"{reused} since 2026-11-25T03:00:00+00:00 (0123abcd)\n")
+        assert runs.recover_orphans(settings) == []  # a free lock is left to the two checks
+        assert sweep.check() == [] and sweep.check() == ["reused"]
     finally:
+        if holder_proc.poll() is None:
+            holder_proc.kill()
+        holder_proc.communicate()  # waits, and closes its pipes
         rt.close()
 
 
