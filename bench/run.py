@@ -135,7 +135,7 @@ def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 # --- in-process measures --------------------------------------------------------------------

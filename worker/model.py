@@ -29,7 +29,9 @@ def _load(path: Path, device: str):
     # The caller has checked the sha256 already. load_learner finds names that moved since export.
     from shared.learner_pickle import load_learner
 
-    return load_learner(path, cpu=device == "cpu")
+    # Loaded on the CPU whatever the device, then moved there (TaggingModel): with cpu=False fastai
+    # loads onto its default device, cuda:0, which costs a context and memory there for cuda:N.
+    return load_learner(path, cpu=True)
 
 
 def preprocessing_of(learn) -> tuple[Preprocessing, tuple[list[float], list[float]] | None, float]:
@@ -146,6 +148,10 @@ class TaggingModel:
         # The host → device copy of the next batch runs on its own stream, so it overlaps the forward
         # pass of the one before it (worker/service.py stages a batch as soon as it is decoded).
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # gpu_decode's JPEG decodes and squishes run on a stream of their own (decode_jpegs).
+        self.decode_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._lock = threading.Lock()  # release() against the compile thread's runner
+        self._released = False
         self.runner = self.model  # the compiled model replaces it once compiled and warmed up
         # The batch sizes the compiled model runs (compiled and warmed up at each, in the background).
         sizes = compile_batch if isinstance(compile_batch, tuple) else (compile_batch,)
@@ -174,7 +180,10 @@ class TaggingModel:
                 x = torch.zeros(batch, 3, self.prep.height, self.prep.width, device=self.device)
                 for _ in range(2):  # reduce-overhead records its CUDA graph on a later call
                     self._run(compiled, x.contiguous(memory_format=torch.channels_last))
-            self.runner = compiled
+            with self._lock:
+                if self._released:  # switched away from while compiling: keep nothing of it
+                    return
+                self.runner = compiled
             log.info("model compiled (%s) in %.0f s", self.compile_mode, time.perf_counter() - t0)
         except Exception as exc:
             log.warning("torch.compile (%s) failed, the model runs uncompiled: %s: %s", self.compile_mode,
@@ -202,14 +211,31 @@ class TaggingModel:
 
     def decode_jpegs(self, jpegs: list[bytes]) -> list:
         """JPEGs decoded in one batch on the model's device and squished to the model's size:
-        ``(h, w, 3)`` uint8 tensors there (the filter of the CPU path's torchvision decoder)."""
-        return [squish_tensor(img, self.prep) for img in decode_jpegs(jpegs, device=str(self.device))]
+        ``(h, w, 3)`` uint8 tensors there (the filter of the CPU path's torchvision decoder).
+
+        On CUDA, on ``decode_stream``, once everything queued there has run: nvjpeg writes on a
+        stream of its own, which waits for nothing, into memory this stream may just have freed.
+        Memory the forward pass frees (on its own stream) is never handed to this stream.
+        ``stage_mixed`` orders the copy stream after it."""
+        import torch
+
+        stream = self.decode_stream
+        if stream is None:
+            return [squish_tensor(img, self.prep) for img in decode_jpegs(jpegs, device=str(self.device))]
+        with torch.cuda.stream(stream):
+            stream.synchronize()
+            return [squish_tensor(img, self.prep) for img in decode_jpegs(jpegs, device=str(self.device))]
 
     def stage_mixed(self, items: list) -> Staged:
         """``stage`` for a batch of device tensors (``decode_jpegs``) and host pixels (numpy)."""
         import torch
 
         stream = self.copy_stream
+        if stream is not None and self.decode_stream is not None:
+            stream.wait_stream(self.decode_stream)  # the squishes have run before the stack reads them
+            for item in items:
+                if isinstance(item, torch.Tensor) and item.device.type == "cuda":
+                    item.record_stream(stream)  # made on the decode stream, read on the copy stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             x = torch.stack([torch.as_tensor(i).to(self.device, non_blocking=True) for i in items])
             x = self._normalise(x)
@@ -274,7 +300,9 @@ class TaggingModel:
         """Free the model's memory (host and GPU) before the next one is used."""
         import torch
 
-        self.model = self.runner = None
+        with self._lock:
+            self._released = True
+            self.model = self.runner = None
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageRejected(ValueError):
@@ -135,13 +136,17 @@ def decode_image(data: bytes, prep: Preprocessing, *, max_pixels: int, jpeg_deco
 
 
 def is_jpeg(data: bytes, *, max_pixels: int) -> bool:
-    """A JPEG within the pixel cap, by its header only (``gpu_decode`` sends these to the device)."""
+    """A JPEG the device decodes as the CPU would, by its header only (``gpu_decode`` sends these to
+    the device): RGB or greyscale, upright, within the pixel cap. nvjpeg ignores EXIF orientation
+    (torchvision applies it on the CPU only), and CMYK is the CPU's to convert."""
     if not data.startswith(b"\xff\xd8"):
         return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))  # reads the header, decodes nothing
-        return img.format == "JPEG" and img.width * img.height <= max_pixels
+        upright = img.getexif().get(EXIF_ORIENTATION, 1) == 1
+        return (img.format == "JPEG" and img.mode in ("RGB", "L") and upright
+                and img.width * img.height <= max_pixels)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         return False

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from shared import parity, registry
 from shared.config import Settings, get_settings
@@ -222,7 +223,9 @@ class Tagger:
         return self.model
 
     def _device_decode(self, prep: Preprocessing) -> bool:
-        return self.settings.gpu_decode and self.device.startswith("cuda") and prep.method == "squish"
+        # The device squishes with the bilinear filter of the CPU path's torchvision decoder.
+        return (self.settings.gpu_decode and self.device.startswith("cuda") and prep.method == "squish"
+                and prep.resample == Image.Resampling.BILINEAR)
 
     def submit(self, image_id: int, *, upload: bool = False) -> Future:
         """Fetch and decode an image in the background; ``upload``: in the uploads' own pool."""
@@ -237,17 +240,33 @@ class Tagger:
         if not ok:
             return None
         jpegs = [p for p in ok if p.jpeg is not None]
-        if jpegs:
-            try:  # batched on the device; pixels from the CPU decoder join them there
-                decoded = model.decode_jpegs([p.jpeg for p in jpegs if p.jpeg is not None])
-                on_device = dict(zip([p.image_id for p in jpegs], decoded, strict=True))
-            except Exception as exc:  # e.g. a CMYK JPEG nvjpeg refuses: the whole batch on the CPU
-                log.warning("decoding %d JPEGs on the device failed (%s); decoding them on the CPU", len(jpegs), exc)
+        if jpegs:  # batched on the device; pixels from the CPU decoder join them there
+            on_device = self._decode_on_device(model, jpegs)
+            ok = [p for p in ok if p.image_id in on_device or p.pixels is not None]
+            if not ok:
                 return None
             staged = model.stage_mixed([on_device.get(p.image_id, p.pixels) for p in ok])
         else:
             staged = model.stage(np.stack([p.pixels for p in ok if p.pixels is not None]))
         return StagedBatch(model, [p.image_id for p in ok], staged)
+
+    def _decode_on_device(self, model: TaggingModel, jpegs: list[Prepared]) -> dict:
+        """image id → its squished tensor on the device. The batched decode gives nothing when one
+        JPEG in it fails; then each is decoded alone there, and one that fails alone is decoded on
+        the CPU (in place: its pixels, or the reason it cannot be tagged)."""
+        try:
+            return dict(zip([p.image_id for p in jpegs], model.decode_jpegs([p.jpeg or b"" for p in jpegs]),
+                            strict=True))
+        except Exception as exc:
+            log.warning("decoding %d JPEGs on the device failed (%s); decoding them one by one", len(jpegs), exc)
+        on_device = {}
+        for p in jpegs:
+            try:
+                (on_device[p.image_id],) = model.decode_jpegs([p.jpeg or b""])
+            except Exception:
+                cpu = self._decode_on_cpu(p)
+                p.jpeg, p.pixels, p.error = None, cpu.pixels, cpu.error
+        return on_device
 
     def stage_async(self, futures: list[Future]) -> Future | None:
         """``stage_batch`` once the batch's images are decoded, in the stage thread (GPU only)."""

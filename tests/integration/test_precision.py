@@ -65,6 +65,35 @@ def test_device_decode_path_runs_on_cpu_and_stays_close(fp32, jpegs):
     assert np.abs(mixed[:6] - fp32.predict(pil[:6])).max() <= CLOSE
 
 
+def test_a_bad_jpeg_in_a_device_decoded_batch_fails_alone(make_settings, fp32, jpegs, monkeypatch):
+    """``gpu_decode``'s batch on the CPU: the batched decode gives nothing when one JPEG is corrupt.
+    The others are decoded one by one on the device and tagged; only the bad one goes to the CPU
+    decoder, which says why it cannot be tagged."""
+    from worker.results import select_tags
+    from worker.service import Prepared, Tagger
+
+    tagger = Tagger(make_settings())
+    tagger.model = fp32
+    good = jpegs[:3]
+    prepared = [Prepared(i, fp32.prep, jpeg=j) for i, j in enumerate(good)]
+    prepared.insert(1, Prepared(9, fp32.prep, jpeg=good[0][: len(good[0]) // 2]))  # truncated
+    on_cpu = []
+    decode_on_cpu = tagger._decode_on_cpu
+    monkeypatch.setattr(tagger, "_decode_on_cpu", lambda p: on_cpu.append(p.image_id) or decode_on_cpu(p))
+    try:
+        results = tagger.predict(prepared)
+    finally:
+        tagger.model = None  # the module's learner: not released with this tagger
+        tagger.close()
+    assert on_cpu == [9]
+    assert [(r.image_id, r.state) for r in results] == [(0, "tagged"), (9, "failed"), (1, "tagged"), (2, "tagged")]
+    assert "corrupt or truncated" in results[1].error
+    probs = fp32.predict(fp32.stage_mixed(fp32.decode_jpegs(good)))
+    for r, row in zip([results[0], *results[2:]], probs, strict=True):  # as the whole batch on the device
+        expected = select_tags(row, fp32.vocab, threshold=tagger.settings.threshold, top_k=tagger.settings.top_k)
+        assert [t for t, _ in r.tags] == [t for t, _ in expected]
+
+
 def test_failed_compile_leaves_the_eager_model_serving(tiny_learner, jpegs, monkeypatch):
     import torch
 

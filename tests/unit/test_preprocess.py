@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from tests.images import encode, png_bomb, sixteen_bit_png, with_exif_orientation
-from worker.preprocess import ImageRejected, Preprocessing, decode_image
+from worker.preprocess import ImageRejected, Preprocessing, decode_image, is_jpeg
 
 PREP = Preprocessing(height=32, width=48)
 CAP = 10_000_000
@@ -126,3 +126,17 @@ def test_a_truncated_large_jpeg_is_rejected_by_the_torchvision_decoder():
     data = encode(_movie_still(), "JPEG", quality=92)
     with pytest.raises(ImageRejected, match=r"^corrupt or truncated image: Image is incomplete or truncated$"):
         decode_image(data[: len(data) // 2], Preprocessing(height=224, width=224), max_pixels=CAP)
+
+
+def test_only_jpegs_the_device_decodes_as_the_cpu_does_go_to_the_device():
+    """``gpu_decode`` routing: nvjpeg ignores EXIF orientation (torchvision applies it on the CPU
+    only) and CMYK is the CPU's to convert; RGB and greyscale upright JPEGs within the cap go."""
+    img = _half_red()
+    assert is_jpeg(encode(img, "JPEG"), max_pixels=CAP)
+    assert is_jpeg(encode(img.convert("L"), "JPEG"), max_pixels=CAP)
+    assert is_jpeg(with_exif_orientation(img, 1), max_pixels=CAP)
+    assert not is_jpeg(with_exif_orientation(img, 6), max_pixels=CAP)  # a phone photo held upright
+    assert not is_jpeg(encode(img.convert("CMYK"), "JPEG"), max_pixels=CAP)
+    assert not is_jpeg(encode(img, "JPEG"), max_pixels=img.width * img.height - 1)
+    assert not is_jpeg(encode(img, "PNG"), max_pixels=CAP)
+    assert not is_jpeg(b"\xff\xd8 not a JPEG", max_pixels=CAP)
