@@ -297,9 +297,7 @@ def known_dead(run_id: str, worker: str | None, holder: str | None) -> bool:
     """``abandoned``, without the doubt of a lock nobody holds: a live run on another host may be
     between its lock's release and its last write, or about to take its lock again after a
     Redis outage (``OrphanSweep`` waits for a second check for those)."""
-    if run_id in _recording:
-        return False
-    return holder_gone(worker) or (holder is not None and abandoned(run_id, worker, holder))
+    return abandoned(run_id, worker, holder) and (holder is not None or holder_gone(worker))
 
 
 def _running(rt: Runtime) -> dict[str, tuple]:

@@ -201,7 +201,6 @@ class BatchConsumer:
         self.last_progress = time.monotonic()  # a message was taken or a batch committed
         self.inference_started_at: float | None = None  # a batch is in the forward pass since
         self.decoding_since: float | None = None  # a batch taken waits for its images' decodes since
-        self.decoding = 0  # the images of that batch
 
     # --- main thread ------------------------------------------------------------------------
     def on_message(self, message) -> None:
@@ -229,7 +228,7 @@ class BatchConsumer:
 
     def held(self) -> int:
         """Messages this worker holds and has not sent to the forward pass."""
-        return len(self.pending) + self.decoding
+        return len(self.pending)
 
     def _progress(self) -> None:
         self.last_progress = time.monotonic()
@@ -456,7 +455,6 @@ class BatchConsumer:
         would wait for all of those decodes and that batch's forward pass. Decoded in a pool of its
         own (Tagger.submit), it is ready long before, and rides in the next batch at once instead.
         """
-        self.decoding = len(batch.items)
         self.decoding_since = time.monotonic()
         try:
             while not all(held.future.done() for held in batch.items):
@@ -466,7 +464,7 @@ class BatchConsumer:
                 self._cond.wait(WAIT_DECODED_S)
             return True
         finally:
-            self.decoding, self.decoding_since = 0, None
+            self.decoding_since = None
 
     def _look_ahead(self) -> None:
         """On a GPU, with a full batch already pending: take it now and start its copy to the device

@@ -287,9 +287,7 @@ class Tagger:
         model = self.loaded
         prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep, self._decode_slots) for p in prepared]
         if any(p.jpeg is not None for p in prepared) and staged is None:
-            staged = self.stage_batch(prepared)
-            if staged is None:  # the device decoder failed: the CPU decodes them
-                prepared = [self._decode_on_cpu(p) if p.jpeg is not None else p for p in prepared]
+            staged = self.stage_batch(prepared)  # a JPEG the device cannot decode is decoded on the CPU there
         ok = [p for p in prepared if p.pixels is not None or p.jpeg is not None]
         if staged is not None and (staged.model is not model or staged.image_ids != [p.image_id for p in ok]):
             staged = None  # staged for another model (a switch in between): stage again
