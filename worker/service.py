@@ -286,11 +286,12 @@ class Tagger:
         """One forward pass for the images that decoded; the others fail with their reason."""
         model = self.loaded
         prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep, self._decode_slots) for p in prepared]
-        if any(p.jpeg is not None for p in prepared) and staged is None:
-            staged = self.stage_batch(prepared)  # a JPEG the device cannot decode is decoded on the CPU there
         ok = [p for p in prepared if p.pixels is not None or p.jpeg is not None]
         if staged is not None and (staged.model is not model or staged.image_ids != [p.image_id for p in ok]):
             staged = None  # staged for another model (a switch in between): stage again
+        if staged is None and any(p.jpeg is not None for p in ok):
+            staged = self.stage_batch(prepared)  # a JPEG the device cannot decode is decoded on the CPU there
+            ok = [p for p in prepared if p.pixels is not None or p.jpeg is not None]
         if ok:
             with metrics.INFERENCE.time():
                 probs = model.predict(staged.staged if staged is not None

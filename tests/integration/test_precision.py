@@ -94,6 +94,28 @@ def test_a_bad_jpeg_in_a_device_decoded_batch_fails_alone(make_settings, fp32, j
         assert [t for t, _ in r.tags] == [t for t, _ in expected]
 
 
+def test_a_batch_staged_for_the_model_before_a_switch_is_decoded_again(make_settings, tiny_learner, fp32, jpegs):
+    """``gpu_decode`` with the look-ahead: a batch staged (its JPEGs decoded on the device) for the
+    champion of a moment ago is staged again, JPEGs included, for the model now serving."""
+    from worker.results import select_tags
+    from worker.service import Prepared, Tagger
+
+    tagger = Tagger(make_settings())
+    tagger.model = fp32
+    prepared = [Prepared(i, fp32.prep, jpeg=j) for i, j in enumerate(jpegs[:3])]
+    ahead = tagger.stage_batch(prepared)
+    tagger.model = TaggingModel.load(tiny_learner, version="v2", device="cpu", precision="fp32")  # a switch
+    try:
+        results = tagger.predict(prepared, ahead)
+    finally:
+        tagger.close()  # releases v2 only
+    expected = fp32.predict(fp32.stage_mixed(fp32.decode_jpegs(jpegs[:3])))  # the same weights
+    assert [r.state for r in results] == ["tagged"] * 3
+    for r, row in zip(results, expected, strict=True):
+        cut = select_tags(row, fp32.vocab, threshold=tagger.settings.threshold, top_k=tagger.settings.top_k)
+        assert [t for t, _ in r.tags] == [t for t, _ in cut]
+
+
 def test_failed_compile_leaves_the_eager_model_serving(tiny_learner, jpegs, monkeypatch):
     import torch
 
