@@ -51,7 +51,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 def thread_group(name: str) -> str:
     """A py-spy thread name → the worker's thread it belongs to (the pool's are numbered)."""
     for prefix, group in (("prepare", "prepare (fetch + decode pool)"), ("inference", "inference"),
-                          ("batch-consumer", "batch-consumer"), ("stage", "stage (GPU copy)")):
+                          ("forward", "forward (CPU sub-batches)"), ("batch-consumer", "batch-consumer"),
+                          ("stage", "stage (GPU copy)")):
         if name.startswith(prefix):
             return group
     return name or "?"

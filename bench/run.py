@@ -201,12 +201,16 @@ def compiled_key(plan: Plan) -> str:
 class Limit:
     """The bare model at ``max_batch`` on an input already prepared, as the worker runs it."""
 
-    def __init__(self, plan: Plan, learn):
+    def __init__(self, plan: Plan, learn, *, cpu_streams: int | None = None):
+        from shared.config import get_settings
         from worker.model import TaggingModel
 
         self.plan = plan
+        settings = get_settings()  # the environment the benchmark's worker is started with
         self.model = TaggingModel(learn, version="bench", device=plan.device, precision=plan.precision,
-                                  compile_mode=plan.compile_mode, compile_batch=plan.max_batch)
+                                  compile_mode=plan.compile_mode, compile_batch=plan.max_batch,
+                                  cpu_streams=settings.cpu_streams if cpu_streams is None else cpu_streams,
+                                  cpu_sub_batch=settings.cpu_sub_batch)
         self.model.compiled.wait()  # the limit is the compiled model's, when it compiles
         rng = np.random.default_rng(0)
         pixels = rng.integers(0, 256, (plan.max_batch, self.model.prep.height, self.model.prep.width, 3), dtype=np.uint8)
@@ -461,9 +465,11 @@ def report(plan: Plan, result: dict) -> None:
     table.add_column("of limit", justify="right")
     rows = [("baseline: learn.predict loop", plan.baseline_images, "baseline_img_s"),
             ("fastai batched: get_preds(test_dl)", plan.images, "fastai_batched_img_s"),
-            ("limit: forward at max_batch", None, "limit_img_s"),
-            ("decode + forward: in process, no broker, no DB", plan.images, "decode_and_forward_img_s"),
-            ("end to end: Redis → worker → DB", plan.images, "end_to_end_img_s")]
+            ("limit: forward at max_batch", None, "limit_img_s")]
+    if "limit_one_pass_img_s" in result:
+        rows += [("one pass: the limit's batch whole (STILLTAG_CPU_STREAMS=1)", None, "limit_one_pass_img_s")]
+    rows += [("decode + forward: in process, no broker, no DB", plan.images, "decode_and_forward_img_s"),
+             ("end to end: Redis → worker → DB", plan.images, "end_to_end_img_s")]
     rows += [(f"variant {name}: {', '.join(f'{k}={v}' for k, v in env)}", plan.images, f"variant_{name}_img_s")
              for name, env in plan.variants]
     for name, n, key in rows:
@@ -610,6 +616,10 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
         phases = measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]])
         limit = Limit(plan, learn)
         phases["limit_img_s"] = limit.img_s
+        one_pass = None
+        if limit.model.streams is not None:  # and the whole batch in one pass, as with STILLTAG_CPU_STREAMS=1
+            one_pass = Limit(plan, learn, cpu_streams=1)
+            phases["limit_one_pass_img_s"] = one_pass.img_s
         in_process = DecodeAndForward(plan, limit, [jpegs[i - base] for i in ids["throughput"]])
         phases["decode_and_forward_img_s"] = in_process.img_s
         variants = start_variants(plan, stack, claims, redis_url, ids)
@@ -618,6 +628,8 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
         result["single_forward_ms"] = limit.single_ms()
         in_process.close()
         limit.release()
+        if one_pass is not None:
+            one_pass.release()
         del learn
         summarise(result, samples)
         result.update(latencies)

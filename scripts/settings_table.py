@@ -40,6 +40,8 @@ EXAMPLES: dict[str, str] = {
     "inference_precision": "bf16",
     "inference_compile": "reduce-overhead",
     "torch_threads": "2",
+    "cpu_streams": "1",
+    "cpu_sub_batch": "32",
     "gpu_decode": "true",
     "jpeg_decoder": "pil",
     "fetch_concurrency": "32",

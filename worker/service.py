@@ -111,9 +111,11 @@ class Tagger:
                                   precision=self.settings.inference_precision,
                                   compile_mode=self.settings.inference_compile,
                                   compile_batch=(self.settings.max_batch, self.upload_fill),  # full, upload's
-                                  bf16_parity=parity.recorded_bf16(record.metrics))
-        log.info("loaded model %s (%s, %d tags) on %s at %s (%s) in %.1f s", record.version, model.arch,
-                 len(model.vocab), self.device, model.precision, model.precision_reason, time.perf_counter() - t0)
+                                  bf16_parity=parity.recorded_bf16(record.metrics),
+                                  cpu_streams=self.settings.cpu_streams, cpu_sub_batch=self.settings.cpu_sub_batch)
+        log.info("loaded model %s (%s, %d tags) on %s at %s (%s), %s, in %.1f s", record.version, model.arch,
+                 len(model.vocab), self.device, model.precision, model.precision_reason, model.describe_forward(),
+                 time.perf_counter() - t0)
         self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))
         self._bf16_record = parity.recorded_bf16(record.metrics)  # what auto decided on (maybe_switch)
         old, self.model = self.model, model
