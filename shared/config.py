@@ -88,12 +88,14 @@ class Settings(BaseSettings):
         description="torch.compile the model: off, default or reduce-overhead (CUDA graphs); compiled in the background.",
     )
     torch_threads: int = Field(
-        default=0, ge=0, le=256, description="torch intra-op threads; 0 = one per CPU core."
+        default=0, ge=0, le=256,
+        description="torch intra-op threads (on a CPU, of each stream: STILLTAG_CPU_STREAMS); 0 = one per CPU core."
     )
     cpu_streams: int = Field(
         default=2, ge=1, le=64,
         description="On a CPU, a batch's forward pass runs as sub-batches, this many side by side, each with "
-                    "torch's threads; 1 = the whole batch in one pass. Not with torch.compile or on a GPU.",
+                    "STILLTAG_TORCH_THREADS threads of its own; 1 = the whole batch in one pass. Not with "
+                    "torch.compile or on a GPU.",
     )
     cpu_sub_batch: int = Field(
         default=16, ge=1, le=4096, description="The largest of those sub-batches (STILLTAG_CPU_STREAMS)."

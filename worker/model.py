@@ -304,7 +304,7 @@ class TaggingModel:
         if len(parts) > 1:
             import torch
 
-            model = self.model  # every sub-batch on the same model, whatever release() does meanwhile
+            model = self.model  # read once: every sub-batch runs the model the batch started on
             return torch.cat(list(self.streams.map(lambda part: self._run(model, part), parts)))
         return self._run(self.runner if x.shape[0] in self.compile_sizes else self.model, x)
 

@@ -68,7 +68,11 @@ def test_a_batch_too_small_to_split_runs_in_the_callers_thread(tiny_learner, pix
 def test_releasing_the_model_stops_its_forward_threads(tiny_learner, pixels):
     before = set(threading.enumerate())
     model = TaggingModel.load(tiny_learner, version="v1", device="cpu", cpu_streams=2)
-    model.predict(pixels)
+    calls = Calls(model.model, meet=2)  # both forward threads exist: they met
+    try:
+        model.predict(pixels)
+    finally:
+        calls.remove()
     threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("forward")]
     assert len(threads) == 2
     model.release()
