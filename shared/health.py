@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, str]]
 QUEUE_LENGTH_TIMEOUT_S = 2.0  # a scrape never waits longer than this for Redis
+STOP_POLL_S = 0.1  # how often the server looks for stop(): a worker stops this soon (socketserver: 0.5)
 
 
 def always_ok() -> tuple[bool, str]:
@@ -57,7 +58,8 @@ class HealthServer:
                 "give each worker process on a host its own port, or 0 to turn it off"
             ) from None
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="health", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": STOP_POLL_S},
+                                        name="health", daemon=True)
 
     def _app(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")

@@ -114,7 +114,7 @@ def _celery_back(app, back_at: float, label: str, figures: dict) -> None:
     def all_answer() -> bool:
         nonlocal replies
         try:
-            replies = app.control.inspect(timeout=1).ping() or {}
+            replies = app.control.inspect(timeout=1, destination=sorted(NODES)).ping() or {}  # back once all answer
         except Exception:  # this client's own connection is coming back too
             return False
         return set(replies) >= NODES

@@ -97,9 +97,11 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
         clash.stop()
 
         # Celery's own tools list both workers, each with its queues.
-        ping = celery(stack.env, "inspect", "ping", "--timeout", "5")
+        # Named, so that the reply comes once both have answered (unnamed, it waits out the timeout).
+        both = f"{TAGGER},{TRAINER}"
+        ping = celery(stack.env, "inspect", "ping", "--timeout", "10", "--destination", both)
         assert f"{TAGGER}: OK" in ping and f"{TRAINER}: OK" in ping, ping
-        queues = celery(stack.env, "inspect", "active_queues", "--timeout", "5", "--json")
+        queues = celery(stack.env, "inspect", "active_queues", "--timeout", "10", "--destination", both, "--json")
         by_node = json.loads(queues.strip().splitlines()[-1])
         assert {q["name"] for q in by_node[TAGGER]} == {"tagging", "backfill"}
         assert {q["name"] for q in by_node[TRAINER]} == {"training"}
@@ -146,7 +148,7 @@ def test_a_tagging_worker_is_a_celery_worker(stack_factory, tmp_path):
         assert "no longer consuming from" in reply, reply
 
         def active_queues() -> set[str]:
-            out = celery(stack.env, "inspect", "active_queues", "--timeout", "5", "--json")
+            out = celery(stack.env, "inspect", "active_queues", "--timeout", "10", "--destination", TAGGER, "--json")
             return {q["name"] for q in json.loads(out.strip().splitlines()[-1])[TAGGER]}
 
         assert active_queues() == {"tagging"}
