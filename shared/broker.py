@@ -162,18 +162,32 @@ class _RecordedByPopQoS(kombu_redis.QoS):
         else:
             super().append(message, delivery_tag)
 
+    def restore_visible(self, start=0, num=10, interval=10):
+        """Nothing: the consumer sweeps itself, every ``restore_interval_s`` (``sweep``).
+
+        kombu's poller calls this after every poll that found nothing, and with the throttle of 1
+        that ``transport_options`` sets for the Celery workers, a tagging worker waiting in Redis
+        ran a whole sweep (a lock, a ZRANGE, an unlock) after each poll of its loop: up to fifty
+        times a second.
+        """
+
+    def sweep(self, *, num: int) -> None:
+        """Return up to ``num`` messages unacknowledged past the visibility timeout to their queues."""
+        super().restore_visible(num=num, interval=1)
+
 
 class AtomicRedisChannel(GuardedRedisChannel):
     """For the tagging worker's synchronous consumer: a pop that cannot lose a message.
 
-    Redis cannot block inside a script, so the pop polls (``polling_interval``). A consumer with
-    nothing in hand sets ``idle_wait_s``: after a pop that found nothing, the channel then waits
-    in Redis for the first queue (uploads) with ``BLMOVE key key RIGHT RIGHT``, which blocks until
-    the list is not empty and leaves it exactly as it was (the oldest message comes off the
-    consuming end and goes straight back). An upload wakes it at once and the pop follows in the
-    same read; the other queues are looked at again after ``idle_wait_s``. An idle worker then
-    sends a few commands a second instead of a hundred. Meant for ``drain_events`` loops, not for
-    Celery's event loop (the training worker uses ``GuardedRedisChannel``).
+    Redis cannot block inside a script, so the pop polls (``polling_interval``). With
+    ``idle_wait_s`` set, after a pop that found nothing the channel waits in Redis for the first
+    queue it may pop (uploads) with ``BLMOVE key key RIGHT RIGHT``, which blocks until the list is
+    not empty and leaves it exactly as it was (the oldest message comes off the consuming end and
+    goes straight back). An upload wakes it at once and the pop follows in the same read; the
+    other queues are looked at again after ``idle_wait_s``, or at once after ``cut_wait`` (the
+    consumer has room again for a queue it skipped). A waiting worker then sends a few commands a
+    second instead of a hundred. Meant for ``drain_events`` loops, not for Celery's event loop (the
+    training worker uses ``GuardedRedisChannel``).
     """
 
     # The consumer finishes and acknowledges what it holds itself, also across a reconnect
@@ -190,6 +204,9 @@ class AtomicRedisChannel(GuardedRedisChannel):
     _wait_sent_s = 0.0  # how long the wait in flight asked Redis to block
     _wait_next = False  # the last pop found nothing: the next command may be a wait
     _can_wait = True  # False on a server without BLMOVE (Redis < 6.2): the pop polls only
+    # The socket the waits are sent on and its CLIENT ID, which CLIENT UNBLOCK (cut_wait) names.
+    _wait_client: tuple[object, int] | None = None
+    can_cut_wait = True  # False where the server refuses CLIENT ID or CLIENT UNBLOCK (an ACL)
 
     def pop_overdue(self, timeout_s: float) -> bool:
         """True when a pop was sent more than ``timeout_s`` ago (plus the wait it asked for) and
@@ -205,11 +222,41 @@ class AtomicRedisChannel(GuardedRedisChannel):
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         if self.idle_wait_s > 0 and self._wait_next and self._can_wait:
+            self._name_wait_client()
             self._waiting, self._wait_sent_s = pairs, self.idle_wait_s
             key = pairs[0][0]
             self.client.connection.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", self._wait_sent_s)
         else:
             self._send_pop(pairs)
+
+    def _name_wait_client(self) -> None:
+        """The CLIENT ID of the connection the wait goes out on, asked once per socket (nothing is
+        in flight on it here): ``cut_wait`` unblocks that client from another connection."""
+        conn = self.client.connection
+        if not self.can_cut_wait or (self._wait_client is not None and self._wait_client[0] is conn._sock):
+            return
+        conn.send_command("CLIENT", "ID")
+        try:
+            self._wait_client = (conn._sock, int(conn.read_response()))
+        except ResponseError as exc:
+            self._refuse_cut(exc)
+
+    def _refuse_cut(self, exc: Exception) -> None:
+        log.warning("this Redis refuses CLIENT ID or CLIENT UNBLOCK (%s): a tagging worker holding messages polls "
+                    "for uploads instead of waiting", exc)
+        self.can_cut_wait = False
+        self._wait_client = None
+
+    def cut_wait(self) -> None:
+        """End the wait in flight now (CLIENT UNBLOCK from another connection): it ends as a wait
+        that timed out, and the next pop looks at every queue the consumer may pop again."""
+        if self._waiting is None or self._wait_client is None:
+            return
+        try:
+            with self.conn_or_acquire() as client:
+                client.client_unblock(self._wait_client[1])
+        except ResponseError as exc:
+            self._refuse_cut(exc)
 
     def _send_pop(self, pairs) -> None:
         self.client.connection.send_command(

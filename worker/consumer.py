@@ -51,7 +51,9 @@ from worker.service import Tagger
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.2  # longest wait in the broker with nothing in hand (acks wait at most this)
-IDLE_WAIT_S = 0.5  # nothing in hand: an upload wakes the pop at once, other queues are looked at this often
+# After a pop that found nothing, the wait in Redis: an upload wakes the pop at once, other queues
+# are looked at this often (or at once, where the consumer has room for one it skipped again).
+REDIS_WAIT_S = 0.5
 BUSY_POLL_S = 0.02  # longest wait in the broker while a batch runs: its acknowledgement waits this
 FAILED_BATCH_BACKOFF_S = (0.5, 30.0)  # first and longest pause after a batch that did not commit
 BATCHES_IN_FLIGHT = 3  # per queue: in the forward pass + decoding for the next + gathering
@@ -293,11 +295,10 @@ class BatchConsumer:
         if now < self._next_restore:
             return
         self._next_restore = now + self.settings.restore_interval_s
-        qos: Any = getattr(channel, "qos", None)
-        limit = getattr(channel, "unacked_restore_limit", None)  # only Redis has a visibility timeout
-        if limit is not None and hasattr(qos, "restore_visible"):  # return expired unacked messages to their queues
+        sweep = getattr(getattr(channel, "qos", None), "sweep", None)  # only Redis has a visibility timeout
+        if sweep is not None:  # return expired unacked messages to their queues
             try:
-                qos.restore_visible(num=limit, interval=1)
+                sweep(num=channel.unacked_restore_limit)
             except Exception:
                 log.exception("could not return expired unacknowledged messages")
 
@@ -336,14 +337,29 @@ class BatchConsumer:
                         raise BrokerLost(f"no reply from the broker for {POP_REPLY_TIMEOUT_S:.0f} s")
                     wait_s = self._wait_s()
                     if hasattr(channel, "skip_queues"):
-                        channel.skip_queues = self._full_queues() | self.paused
-                        # Nothing in hand: wait in Redis for an upload instead of polling.
-                        channel.idle_wait_s = IDLE_WAIT_S if wait_s == IDLE_POLL_S else 0.0
+                        self._steer(channel, idle=wait_s == IDLE_POLL_S)
                     try:
                         conn.drain_events(timeout=wait_s)
                     except TimeoutError:
                         pass
                 self._shutdown()
+
+    def _steer(self, channel, *, idle: bool) -> None:
+        """The next pop's queues and its wait in Redis (``AtomicRedisChannel``).
+
+        After a pop that found nothing, the channel waits in Redis for an upload instead of popping
+        again every 10 ms (a hundred pops a second while a batch runs, each a script over every
+        queue key). A queue whose window was full is left out of the pop and the wait; once an
+        acknowledgement (or ``resume``) makes room for it, the wait in flight is cut short, so that
+        the window fills again at once, not ``REDIS_WAIT_S`` later. With work in hand it waits
+        only where the wait can be cut (``can_cut_wait``); otherwise it polls, as before.
+        """
+        skip = self._full_queues() | self.paused
+        reopened = channel.skip_queues - skip
+        channel.skip_queues = skip
+        channel.idle_wait_s = REDIS_WAIT_S if idle or channel.can_cut_wait else 0.0
+        if reopened:
+            channel.cut_wait()
 
     def _waiting_for_broker(self) -> None:
         """Between attempts to reach the broker: the inference thread goes on with what this

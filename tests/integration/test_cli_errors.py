@@ -91,8 +91,11 @@ def test_ctrl_c_at_any_moment_is_one_line_and_status_130(tmp_path, delay_s):
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
     env[ENV_PREFIX + "DATA_DIR"] = str(tmp_path / "data")
     env[ENV_PREFIX + "BROKER_URL"] = f"redis://127.0.0.1:{CLOSED_PORT}/0"
+    # Ctrl-C's default disposition, whatever this run inherited: a shell without job control
+    # starts a background job (`./scripts/test &`) with SIGINT ignored, and its children with it.
     proc = subprocess.Popen([exe, "backfill", "--ids", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(delay_s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)

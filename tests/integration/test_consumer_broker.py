@@ -241,3 +241,74 @@ def test_on_a_redis_without_blmove_an_idle_pop_polls(tmp_path, make_settings, ca
         client.close()
         worker.close()
         server.stop()
+
+
+def test_a_wait_is_cut_short_and_the_next_pop_takes_the_queue_it_left_out(workers, redis_url):
+    """A worker holding a full window of backfill waits in Redis for uploads only; once it has
+    room again, ``cut_wait`` ends the wait (CLIENT UNBLOCK), and backfill is popped at once."""
+    first, _ = workers
+    client = redis.Redis.from_url(redis_url)
+    first.channel.idle_wait_s = 60.0  # far longer than the test may take: only the cut can end it
+    first.channel.skip_queues = frozenset({BACKFILL_QUEUE})
+    push(client, BACKFILL_QUEUE, [5])
+    _drain_until(first, lambda: _blocked_on_blmove(client), "the pop waits in Redis for uploads")
+    first.channel.skip_queues = frozenset()
+    started = time.monotonic()
+    first.channel.cut_wait()
+    assert first.pop().headers["argsrepr"] == "(5,)"  # pop() gives up after 10 s
+    assert time.monotonic() - started < 10
+    first.channel.cut_wait()  # no wait in flight: nothing to cut, nothing breaks
+    client.close()
+
+
+def test_the_consumer_cuts_the_wait_when_a_full_window_has_room_again(workers, redis_url, make_settings):
+    """``BatchConsumer._steer``: a full backfill window leaves backfill out of the pop and the wait;
+    the acknowledgements that make room end the wait in flight, not REDIS_WAIT_S later."""
+    from types import SimpleNamespace
+
+    first, _ = workers
+    client = redis.Redis.from_url(redis_url)
+    tagger = SimpleNamespace(settings=make_settings(broker_url=redis_url, max_batch=2), upload_fill=None,
+                             submit=lambda *a, **k: None)
+    consumer = consumer_module.BatchConsumer(tagger, queues=(TAGGING_QUEUE, BACKFILL_QUEUE))
+    consumer._held_by_queue[BACKFILL_QUEUE] = consumer.window  # holding all the backfill it may
+    consumer._steer(first.channel, idle=False)
+    assert first.channel.skip_queues == {BACKFILL_QUEUE}
+    assert first.channel.idle_wait_s == consumer_module.REDIS_WAIT_S  # it waits, with work in hand too
+    first.channel.idle_wait_s = 60.0  # as if REDIS_WAIT_S were long: only the cut can end the wait
+    push(client, BACKFILL_QUEUE, [6])
+    _drain_until(first, lambda: _blocked_on_blmove(client), "the pop waits in Redis for uploads")
+    consumer._held_by_queue[BACKFILL_QUEUE] -= 2  # a batch acknowledged
+    consumer._steer(first.channel, idle=False)
+    first.channel.idle_wait_s = 60.0
+    started = time.monotonic()
+    assert first.pop().headers["argsrepr"] == "(6,)"
+    assert time.monotonic() - started < 10
+    first.channel.can_cut_wait = False  # a server that refuses CLIENT UNBLOCK: with work in hand it polls
+    consumer._steer(first.channel, idle=False)
+    assert first.channel.idle_wait_s == 0.0
+    consumer._steer(first.channel, idle=True)
+    assert first.channel.idle_wait_s == consumer_module.REDIS_WAIT_S
+    client.close()
+
+
+def test_a_waiting_pop_sweeps_only_when_the_consumer_asks(workers, redis_url):
+    """kombu's poller would sweep the unacknowledged set after every poll that found nothing (with
+    the throttle of 1 the Celery workers need): a tagging worker waiting in Redis ran a sweep up to
+    fifty times a second. It sweeps every restore_interval_s itself (``sweep``), and only then."""
+    first, _ = workers
+    client = redis.Redis.from_url(redis_url)
+    first.channel.idle_wait_s = 60.0
+    _drain_until(first, lambda: _blocked_on_blmove(client), "the pop waits in Redis")
+    with Commands(redis_url) as commands:
+        for _ in range(20):  # twenty polls that find nothing, as the consumer's loop makes them
+            with pytest.raises(TimeoutError):
+                first.conn.drain_events(timeout=0.02)
+    assert "ZRANGE" not in commands.names and "SET" not in commands.names, commands.names
+    with Commands(redis_url) as commands:
+        first.channel.qos.sweep(num=first.channel.unacked_restore_limit)
+    assert commands.names.count("ZRANGE") == 1, commands.names
+    first.channel.idle_wait_s = 0.0  # end the wait, and send no other: the connection closes at once
+    first.channel.cut_wait()
+    _drain_until(first, lambda: not _blocked_on_blmove(client), "the wait ended")
+    client.close()
