@@ -367,16 +367,16 @@ def served_precision(worker) -> str:
     return info["precision"]
 
 
-def measure_end_to_end(plan: Plan, stack, ids: dict[str, list[int]], phases: dict[str, Callable[[], float]],
+def measure_end_to_end(plan: Plan, stack, worker, ids: dict[str, list[int]], phases: dict[str, Callable[[], float]],
                        variants: list[Variant], profile_dir: Path | None = None
                        ) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """The rounds (``phases`` and throughput through Redis → worker process → database), then the
-    two latency measures (uploads behind backfill also for each variant, right after). With
+    """The rounds (``phases`` and throughput through Redis → ``worker``, started, → database), then
+    the two latency measures (uploads behind backfill also for each variant, right after). With
     ``profile_dir``, the worker is profiled over the end-to-end phases (bench/profile.py)."""
     from bench.profile import Profile
     from bench.traffic import Events
 
-    worker = stack.worker().wait_ready()
+    worker.wait_ready()
     events = Events(stack.broker_url)
     try:
         stack.push("tagging", ids["warmup"])  # first batches pay for lazy initialisation
@@ -613,6 +613,7 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
             result[f"parity_{key}"] = chosen[key]
         # With its bf16 record, as a retrain registers a model: the workers resolve "auto" from it themselves.
         stack.register_champion(learner, **({PARITY_KEY: {"bf16": parity["bf16"]}} if parity else {}))
+        worker = stack.worker()  # it loads while this process and the variants' workers get ready
         phases = measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]])
         limit = Limit(plan, learn)
         phases["limit_img_s"] = limit.img_s
@@ -624,7 +625,7 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
         phases["decode_and_forward_img_s"] = in_process.img_s
         variants = start_variants(plan, stack, claims, redis_url, ids)
         phases.update(variant_phases(stack, variants, ids))
-        samples, latencies = measure_end_to_end(plan, stack, ids, phases, variants, profile_dir)
+        samples, latencies = measure_end_to_end(plan, stack, worker, ids, phases, variants, profile_dir)
         result["single_forward_ms"] = limit.single_ms()
         in_process.close()
         limit.release()

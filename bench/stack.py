@@ -188,11 +188,16 @@ class Stack:
 
     def register_champion(self, learner: Path, **metrics) -> None:
         """``db upgrade``, then ``models register --promote`` a copy of ``learner``; ``metrics`` (such as
-        a bf16 parity record) are stored with the version, as a retrain stores its own."""
-        self.cli("db", "upgrade")
+        a bf16 parity record) are stored with the version, as a retrain stores its own.
+
+        The two commands run in this process, with the stack's settings (``in_process``): the
+        benchmark and the tests have torch and fastai imported already, where a new process spends
+        seconds importing them before it reads the learner. The tests run them in processes of
+        their own elsewhere (tests/integration/test_cli_errors.py, tests/e2e/test_rollout.py)."""
         artifact = self.root / "export.pkl"
         shutil.copyfile(learner, artifact)
-        self.cli("models", "register", str(artifact), "--promote")
+        for args in (["db", "upgrade"], ["models", "register", str(artifact), "--promote"]):
+            self.in_process(*args)
         if metrics:
             from shared import registry
             from shared.db import session_factory, transaction
@@ -200,6 +205,30 @@ class Stack:
             with transaction(session_factory(self.engine())) as session:
                 registry.add_metrics(session=session, version=registry.champion_version(session=session) or "",
                                      **metrics)
+
+    def in_process(self, *args: str) -> str:
+        """``stilltag ARGS`` for the commands of ``shared.cli`` (``db``, ``models``, ``enqueue``,
+        ``backfill``), run in this process with the stack's settings; their output, or
+        ``RuntimeError`` with it."""
+        import typer
+        from typer.testing import CliRunner
+
+        from shared import cli
+        from shared.config import get_settings
+
+        app = typer.Typer()
+        cli.register(app, cli.models_app)
+        env: dict[str, str | None] = {k: None for k in os.environ if k.upper().startswith(ENV_PREFIX)}
+        env |= self.settings_env
+        get_settings.cache_clear()  # the command reads the stack's settings, not this process's
+        try:
+            result = CliRunner().invoke(app, list(args), env=env)
+        finally:
+            get_settings.cache_clear()
+        if result.exit_code:
+            raise RuntimeError(f"stilltag {' '.join(args)} failed ({result.exit_code}):\n{result.output}") from (
+                result.exception if not isinstance(result.exception, SystemExit) else None)
+        return result.output
 
     def worker(self, name: str = "worker", **kw) -> WorkerProcess:
         """A started ``stilltag worker`` (``kw`` as for :class:`WorkerProcess`), logging to ``root/name.log``."""

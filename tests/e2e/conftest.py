@@ -1,39 +1,14 @@
-import os
-import shutil
 
 import pytest
 
 from bench.stack import Stack
-from shared.config import ENV_PREFIX, get_settings
 from tests.conftest import pg_database, redis_database
-
-
-def register_champion(stack: Stack, learner) -> None:
-    """What :meth:`bench.stack.Stack.register_champion` does (``db upgrade``, then ``models register
-    --promote`` a copy of ``learner``), the same commands with the stack's environment, run in this
-    process: it has torch and fastai imported already, where a new process spends seconds importing
-    them before it reads the learner. The tests run these commands in their own processes elsewhere."""
-    from typer.testing import CliRunner
-
-    from stilltag.cli import app
-
-    artifact = stack.root / "export.pkl"
-    shutil.copyfile(learner, artifact)
-    env: dict[str, str | None] = {k: None for k in os.environ if k.upper().startswith(ENV_PREFIX)}
-    env |= stack.settings_env
-    for args in (["db", "upgrade"], ["models", "register", str(artifact), "--promote"]):
-        get_settings.cache_clear()
-        try:
-            result = CliRunner().invoke(app, args, env=env, catch_exceptions=False)
-        finally:
-            get_settings.cache_clear()
-        assert result.exit_code == 0, f"stilltag {' '.join(args)}: {result.output}"
 
 
 def build_stack(root, learner, *, database_url: str, broker_url: str | None, **settings) -> Stack:
     """A :class:`bench.stack.Stack` with its database migrated and ``learner`` registered as the champion."""
     stack = Stack(root, database_url=database_url, broker_url=broker_url, **settings)
-    register_champion(stack, learner)
+    stack.register_champion(learner)
     return stack
 
 
