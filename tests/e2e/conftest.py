@@ -1,4 +1,3 @@
-
 import pytest
 
 from bench.stack import Stack
