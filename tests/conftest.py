@@ -14,6 +14,35 @@ from shared.config import ENV_PREFIX, Settings
 PG_ADMIN_URL = os.environ.get("STILLTAG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST_URL = os.environ.get("STILLTAG_TEST_REDIS", "redis://127.0.0.1:6379")
 
+# The ``apart`` lane of ``pytest -n 2`` (scripts/test): the unit tests, and the tests whose workers
+# and commands reach only servers of their own (tests/servers.py). Every other test runs in the
+# ``shared`` lane, one after another: the stilltag:tagged and stilltag:retrain channels are the
+# whole Redis server's, not one DB's, so two tests on the machine's Redis would hear each other's
+# events. The fault drill and the outage tests spend most of their time waiting on timers and
+# restarts, and the unit tests fill the core that leaves idle.
+APART = (
+    "tests/unit/",
+    "tests/e2e/test_fault_drill.py::",
+    "tests/e2e/test_backfill.py::test_backfill_survives_a_redis_outage",
+    "tests/integration/test_consumer_broker.py::test_on_a_redis_without_blmove_an_idle_pop_polls",
+)
+
+
+def lane(nodeid: str) -> str:
+    return "apart" if nodeid.startswith(APART) else "shared"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Two work units for pytest-xdist, the lanes; each runs its tests in their collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Lanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return lane(nodeid)
+
+    return Lanes(config, log)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
