@@ -41,6 +41,7 @@ import typer
 
 from shared.parity import LIMITS as PARITY_LIMITS
 from shared.parity import METRICS_KEY as PARITY_KEY
+from shared.parity import REDUCED
 from shared.parity import THRESHOLD as PARITY_THRESHOLD
 from shared.parity import figures as parity_figures
 
@@ -50,7 +51,6 @@ TRICKLE_INTERVAL_MS = 200  # one upload every 200 ms
 LIMIT_MIN_S = 8.0  # the forward-pass loop runs at least this long (quick: 1 s)
 EVENT_TIMEOUT_S = 1800  # a whole run on a slow machine; only a hung worker reaches it
 MIN_ROUNDS = 3
-REDUCED_PRECISIONS = ("bf16", "fp16")
 TRAIN_IMAGES = 48  # generated pictures the benchmark's learner is trained on (for parity); quick: 16
 
 
@@ -183,7 +183,7 @@ def measure_parity(plan: Plan, learn, jpegs: list[bytes]) -> dict[str, dict[str,
     pixels = np.stack([decode_image(j, reference.prep, max_pixels=10**9) for j in jpegs])
     base = probs(reference)
     out = {}
-    for precision in REDUCED_PRECISIONS:
+    for precision in REDUCED:
         model = TaggingModel(learn, version=precision, device=plan.device, precision=precision)
         out[precision] = parity_figures(base, probs(model))
     if plan.compile_mode != "off":  # the run's own mode: compiled, at its precision
@@ -597,7 +597,7 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
             if plan.precision_setting == "auto":  # as a tagging worker resolves it for a model with this record
                 from worker.model import resolve_precision
 
-                plan = replace(plan, precision=resolve_precision("auto", plan.device, bf16_parity=parity["bf16"])[0])
+                plan = replace(plan, precision=resolve_precision("auto", plan.device, parity_records=parity)[0])
             own = compiled_key(plan) if plan.compile_mode != "off" else plan.precision
             chosen: dict[str, Any] = parity.get(own, {"max_diff": 0.0, "p99_diff": 0.0, "flip_share": 0.0})
         else:  # --no-parity: an untrained learner, no parity figures (profiling runs)
@@ -611,8 +611,8 @@ def run_bench(plan: Plan, *, redis_url: str, pg_admin_url: str = "", profile_dir
                        "mean_jpeg_kb": sum(map(len, jpegs)) / len(jpegs) / 1024})
         for key in ("max_diff", "p99_diff", "flip_share"):
             result[f"parity_{key}"] = chosen[key]
-        # With its bf16 record, as a retrain registers a model: the workers resolve "auto" from it themselves.
-        stack.register_champion(learner, **({PARITY_KEY: {"bf16": parity["bf16"]}} if parity else {}))
+        # With its parity records, as a retrain registers a model: the workers resolve "auto" from it themselves.
+        stack.register_champion(learner, **({PARITY_KEY: {p: parity[p] for p in REDUCED}} if parity else {}))
         worker = stack.worker()  # it loads while this process and the variants' workers get ready
         phases = measure_fastai(plan, learn, [paths[i] for i in ids["throughput"]])
         limit = Limit(plan, learn)

@@ -188,7 +188,7 @@ class Stack:
 
     def register_champion(self, learner: Path, **metrics) -> None:
         """``db upgrade``, then ``models register --promote`` a copy of ``learner``; ``metrics`` (such as
-        a bf16 parity record) are stored with the version, as a retrain stores its own.
+        its parity records) are stored with the version, as a retrain stores its own.
 
         The two commands run in this process, with the stack's settings (``in_process``): the
         benchmark and the tests have torch and fastai imported already, where a new process spends

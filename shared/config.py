@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     inference_precision: str = Field(
         default="auto",
-        description="fp32, bf16, fp16 or auto (fp16 autocast on a GPU; on a CPU, bf16 where it is native and the "
-                    "model's own bf16 parity record holds, else fp32).",
+        description="fp32, bf16, fp16 or auto (a reduced precision only where the model's own parity record "
+                    "for it holds: on a GPU fp16, else bf16; on a CPU bf16 where it is native; else fp32).",
     )
     inference_compile: str = Field(
         default="off",

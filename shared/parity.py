@@ -2,9 +2,9 @@
 
 A reduced precision may be a device's default only within ``LIMITS`` (README, "Precision"): the
 largest difference in probability, its 99th percentile, and the share of tag decisions that flip at
-the cutoffs. The retrain measures bf16 for each model it registers (``model_versions.metrics
-["precision_parity"]``); a tagging worker's ``auto`` reads that record; the benchmark uses the same
-figures.
+the cutoffs. The retrain measures bf16 and fp16 for each model it registers
+(``model_versions.metrics["precision_parity"]``); a tagging worker's ``auto`` reads those records
+(bf16 on a CPU, fp16 then bf16 on a GPU); the benchmark uses the same figures.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import numpy as np
 
 LIMITS = {"max_diff": 0.02, "p99_diff": 0.005, "flip_share": 0.001}
 THRESHOLD = 0.2  # the seed's threshold: where decisions are counted when no cutoffs are given
-METRICS_KEY = "precision_parity"  # in model_versions.metrics: {"bf16": figures(...)}
+METRICS_KEY = "precision_parity"  # in model_versions.metrics: {"bf16": figures(...), "fp16": figures(...)}
+REDUCED = ("bf16", "fp16")  # the precisions measured against fp32
 
 
 def figures(base: np.ndarray, other: np.ndarray, cut: np.ndarray | float = THRESHOLD) -> dict:
@@ -28,11 +29,17 @@ def figures(base: np.ndarray, other: np.ndarray, cut: np.ndarray | float = THRES
     return out
 
 
-def recorded_bf16(metrics: dict | None) -> dict | None:
-    """A model version's bf16 record (``metrics["precision_parity"]["bf16"]``), or None."""
-    stored = (metrics or {}).get(METRICS_KEY)
-    bf16 = stored.get("bf16") if isinstance(stored, dict) else None
-    return bf16 if isinstance(bf16, dict) else None
+def records(stored: object) -> dict[str, dict]:
+    """The parity records of a model version's ``metrics["precision_parity"]`` (``stored``), by
+    precision; a malformed one is left out (``auto`` then serves as if it were not measured)."""
+    if not isinstance(stored, dict):
+        return {}
+    return {p: stored[p] for p in REDUCED if isinstance(stored.get(p), dict)}
+
+
+def recorded(metrics: dict | None) -> dict[str, dict]:
+    """A model version's parity records, by precision (``metrics["precision_parity"]``): ``{}`` when none."""
+    return records((metrics or {}).get(METRICS_KEY))
 
 
 def within_limits(record: dict | None) -> bool:

@@ -22,6 +22,7 @@ from shared.constants import ARTIFACT_NAME, MODEL_CANDIDATE, MODEL_CHAMPION, MOD
 from shared.db import model_versions
 from shared.errors import UserError
 from shared.parity import METRICS_KEY as PARITY_KEY
+from shared.parity import records
 from shared.stores import Store
 
 MODEL_ROLLED_BACK = "rolled_back"
@@ -109,17 +110,17 @@ def champion_version(*, session: Session) -> str | None:
     ).scalar_one_or_none()
 
 
-def champion_bf16(*, session: Session) -> tuple[str, dict | None] | None:
-    """The champion's version and its bf16 parity record (what ``parity.recorded_bf16`` reads from
-    the whole metrics): the cheap query tagging workers poll (two values of one row)."""
+def champion_parity(*, session: Session) -> tuple[str, dict[str, dict]] | None:
+    """The champion's version and its parity records by precision (what ``parity.recorded`` reads
+    from the whole metrics): the cheap query tagging workers poll (two values of one row)."""
     row = session.execute(
-        sa.select(model_versions.c.version, model_versions.c.metrics[(PARITY_KEY, "bf16")])
+        sa.select(model_versions.c.version, model_versions.c.metrics[PARITY_KEY])
         .where(model_versions.c.status == MODEL_CHAMPION)
     ).first()
     if row is None:
         return None
-    version, bf16 = row
-    return version, bf16 if isinstance(bf16, dict) else None
+    version, stored = row
+    return version, records(stored)
 
 
 def register(
@@ -180,7 +181,7 @@ def promote(*, session: Session, version: str, reason: str | None = None) -> Mod
 
 
 def add_metrics(*, session: Session, version: str, **items) -> ModelVersion:
-    """Store ``items`` in a version's ``metrics`` (e.g. a bf16 parity record measured after it was
+    """Store ``items`` in a version's ``metrics`` (e.g. parity records measured after it was
     registered), keeping the rest."""
     target = get_version(session=session, version=version)
     session.execute(sa.update(model_versions).where(model_versions.c.version == version)

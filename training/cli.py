@@ -104,12 +104,14 @@ def show_version(version: str) -> None:
                           f"{rule.get('min_positives', '?')} positives, global threshold):")
             for tag, t in sorted(thresholds.items()):
                 console.print(f"    {tag:<24} {t:.3f}{' *' if tag in fallback else ''}", markup=False)
-        bf16 = parity.recorded_bf16(m)
-        console.print(f"  bf16:     {parity.describe(bf16)}" + (
-            f" on {bf16.get('images', '?')} images against fp32: "
-            f"{'may' if parity.within_limits(bf16) else 'may not'} be served in bf16 (auto, on a CPU with native bf16)"
-            if isinstance(bf16, dict) else f": served in fp32 on a CPU under auto (`stilltag models measure {v.version}` "
-                                           "measures it)"), markup=False)
+        records = parity.recorded(m)
+        for reduced, where in (("bf16", "on a CPU with native bf16, or a GPU where fp16 is not"), ("fp16", "on a GPU")):
+            rec = records.get(reduced)
+            console.print(f"  {reduced}:     {parity.describe(rec)}" + (
+                f" on {rec.get('images', '?')} images against fp32: "
+                f"{'may' if parity.within_limits(rec) else 'may not'} be served in {reduced} (auto, {where})"
+                if rec is not None else f": not served in {reduced} under auto (`stilltag models measure "
+                                        f"{v.version}` measures it)"), markup=False)
         if "train_seconds" in m:
             console.print(f"  training: {len(m.get('epochs', []))} epochs in {m['train_seconds']:.0f}s on "
                           f"{m.get('device', '?')}, lr {m.get('lr', 0):.2e}, image size {m.get('image_size', '-')}")
@@ -182,15 +184,15 @@ def register(app: typer.Typer, models_app: typer.Typer) -> None:
 
     @models_app.command("measure")
     def models_measure(version: str) -> None:
-        """Measure a version's bf16 against fp32 on the website's pictures (a retrain does it; a version
-        registered by hand has none, and `auto` serves it in fp32). Running workers follow it at their next poll."""
+        """Measure a version's bf16 and fp16 against fp32 on the website's pictures (a retrain does it; a
+        version registered by hand has none, and `auto` serves it in fp32). Running workers follow it at their next poll."""
         from shared.config import get_settings
         from shared.runtime import Runtime
-        from training.service import measure_bf16
+        from training.service import measure_parity
 
         rt = Runtime(get_settings())
         try:
-            measure_bf16(rt, version)
+            measure_parity(rt, version)
         finally:
             rt.close()
         show_version(version)

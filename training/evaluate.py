@@ -130,7 +130,7 @@ def predict(learn, examples: list[Example], *, read: Callable[[Example], Any] | 
             (``test_dl(rm_type_tfms=1)``), so any exported learner can be scored on the same
             pictures, however it read its training images (a hand-registered champion too).
             Not given, the learner reads them with its ``get_x``.
-        cbs: fastai callbacks for ``get_preds`` (``bf16_parity``'s autocast).
+        cbs: fastai callbacks for ``get_preds`` (``reduced_parity``'s autocast).
     """
     if not examples:
         return np.zeros((0, len(learn.dls.vocab)), dtype=np.float32)
@@ -148,12 +148,14 @@ def predict(learn, examples: list[Example], *, read: Callable[[Example], Any] | 
     return np.concatenate(parts)
 
 
-def bf16_parity(learn, examples: list[Example], fp32_probs: np.ndarray, *, cut: np.ndarray | float,
-                images: int, device: str = "cpu", read: Callable[[Example], Any] | None = None) -> dict:
-    """bf16 autocast against fp32 on the first ``images`` of ``examples``, whose fp32
-    probabilities are ``fp32_probs`` (``predict``'s): ``shared.parity.figures``, with the pictures
-    counted and the device they ran on. Stored with the model version; a tagging worker's ``auto``
-    serves in bf16 only a model whose record is within the limits."""
+def reduced_parity(learn, examples: list[Example], fp32_probs: np.ndarray, *, precision: str,
+                   cut: np.ndarray | float, images: int, device: str = "cpu",
+                   read: Callable[[Example], Any] | None = None) -> dict:
+    """``precision`` (``bf16`` or ``fp16``) autocast against fp32 on the first ``images`` of
+    ``examples``, whose fp32 probabilities are ``fp32_probs`` (``predict``'s):
+    ``shared.parity.figures``, with the pictures counted and the device they ran on. Stored with the
+    model version; a tagging worker's ``auto`` serves in a reduced precision only a model whose
+    record for it is within the limits."""
     import torch
     from fastai.callback.core import Callback
 
@@ -167,13 +169,14 @@ def bf16_parity(learn, examples: list[Example], fp32_probs: np.ndarray, *, cut: 
         order = 10
 
         def before_batch(self):
-            self.amp = torch.autocast(device, dtype=torch.bfloat16)
+            self.amp = torch.autocast(device, dtype=dtype)
             self.amp.__enter__()
 
         def after_pred(self):  # a test batch has no loss, so its autocast ends here
             self.amp.__exit__(None, None, None)
             self.learn.pred = self.pred.float()
 
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     n = min(len(examples), images)
     reduced = predict(learn, examples[:n], read=read, cbs=[Autocast()])
     return {**parity.figures(fp32_probs[:n], reduced, cut), "images": n, "device": device}
@@ -183,3 +186,13 @@ def evaluate(learn, examples: list[Example], *, threshold: float) -> Evaluation:
     """The learner's scores on ``examples`` (the holdout)."""
     vocab = list(learn.dls.vocab)
     return score(predict(learn, examples), targets(examples, vocab), vocab, threshold=threshold)
+
+
+def parity_records(learn, examples: list[Example], fp32_probs: np.ndarray, *, cut: np.ndarray | float,
+                   images: int, device: str = "cpu", read: Callable[[Example], Any] | None = None) -> dict[str, dict]:
+    """``reduced_parity`` for each reduced precision (``shared.parity.REDUCED``), by precision: the
+    model version's ``precision_parity`` record."""
+    from shared import parity
+
+    return {p: reduced_parity(learn, examples, fp32_probs, precision=p, cut=cut, images=images, device=device, read=read)
+            for p in parity.REDUCED}

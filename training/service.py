@@ -107,10 +107,12 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                 thresholds, decision = judged.thresholds, judged.decision
                 log.info("holdout F2 %.4f at threshold %g, %.4f with per-tag thresholds, on %d images",
                          evaluation.f2, settings.threshold, per_tag_eval.f2, evaluation.n_images)
-                bf16 = judged.bf16_parity
-                bf16_line = ("not measured (STILLTAG_TRAIN_PARITY_IMAGES=0): served in fp32 under auto" if bf16 is None
-                             else _bf16_verdict(bf16))
-                log.info("bf16 against fp32: %s", bf16_line)
+                records = judged.parity_records
+                parity_lines = {p: _verdict(p, records[p]) if records else
+                                "not measured (STILLTAG_TRAIN_PARITY_IMAGES=0): served in fp32 under auto"
+                                for p in parity.REDUCED}
+                for reduced, line in parity_lines.items():
+                    log.info("%s against fp32: %s", reduced, line)
                 summary = {
                     "arch": settings.train_arch, "pretrained": settings.train_pretrained,
                     "weights": settings.train_weights or ("ImageNet" if settings.train_pretrained else "none"),
@@ -127,7 +129,7 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                     "snapshot_at": dataset.snapshot_at.isoformat(timespec="seconds"),
                     "training time (s)": round(run.seconds, 1),
                     "gate": decision.reason,
-                    "bf16 against fp32": bf16_line,
+                    **{f"{p} against fp32": line for p, line in parity_lines.items()},
                 }
                 files = write_report(Path(tmp) / "report", summary=summary, evaluation=evaluation,
                                      epochs=run.epochs, batch_losses=run.batch_losses, lr_find=run.lr_find, lr=run.lr,
@@ -140,7 +142,7 @@ def retrain(source: Settings | Runtime, progress: Progress | None = None) -> Mod
                     "image_size": settings.train_image_size, "pretrained": settings.train_pretrained,
                     "dropped_tags": dataset.dropped_tags, "groups": dataset.groups,
                     "f2_per_tag_thresholds": per_tag_eval.f2, **thresholds.record(), "gate": decision.record(),
-                    **({parity.METRICS_KEY: {"bf16": bf16}} if bf16 is not None else {}),
+                    **({parity.METRICS_KEY: records} if records else {}),
                 }
                 _emit(progress, "stage", name="register", detail=str(settings.model_store))
                 with transaction(rt.sessions) as session:
@@ -170,7 +172,8 @@ class Judged(NamedTuple):
     decision: Decision
     holdout_probs: np.ndarray
     read: Callable  # reads a picture, as both models were scored with
-    bf16_parity: dict | None  # bf16 against fp32 on validation and holdout pictures (shared.parity); None: off
+    parity_records: dict[str, dict]  # bf16 and fp16 against fp32 on validation and holdout pictures
+    # (shared.parity), by precision; {}: not measured (STILLTAG_TRAIN_PARITY_IMAGES=0)
 
 
 def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
@@ -180,7 +183,7 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
 
     from shared.learner_parts import ImageFromStore
     from training import gate, thresholds
-    from training.evaluate import bf16_parity, cutoffs, predict, score, targets
+    from training.evaluate import cutoffs, parity_records, predict, score, targets
 
     settings = rt.settings
     vocab = [str(t) for t in run.learn.dls.vocab]
@@ -196,9 +199,10 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
     per_tag_eval = score(holdout_probs, truth, vocab, threshold=settings.threshold,
                          per_tag_thresholds=chosen.as_dict())
     served = per_tag_eval if settings.thresholds == "per_tag" else evaluation
-    # Whether this model may be served in bf16 (a tagging worker's "auto" on a CPU with native bf16):
+    # Whether this model may be served in bf16 or fp16 (a tagging worker's "auto": bf16 on a CPU with
+    # native bf16, fp16 then bf16 on a GPU):
     # decisions counted at the cutoffs the website will get.
-    bf16 = None if not settings.train_parity_images else bf16_parity(
+    records = {} if not settings.train_parity_images else parity_records(
         run.learn, [*dataset.valid, *dataset.holdout], np.concatenate([valid_probs, holdout_probs]),
         cut=cutoffs(vocab, threshold=settings.threshold,
                     per_tag=chosen.as_dict() if settings.thresholds == "per_tag" else None),
@@ -213,12 +217,12 @@ def _evaluate_and_judge(rt: Runtime, dataset, run) -> Judged:
             record, store=rt.model_store, cache_dir=rt.model_cache_dir, holdout=dataset.holdout, read=read,
             cpu=run.device != "cuda"),
     )
-    return Judged(evaluation, per_tag_eval, chosen, decision, holdout_probs, read, bf16)
+    return Judged(evaluation, per_tag_eval, chosen, decision, holdout_probs, read, records)
 
 
-def measure_bf16(rt: Runtime, version: str) -> dict:
-    """bf16 against fp32 for a registered version (one registered by hand has no record, and
-    ``auto`` serves it in fp32), measured as a retrain measures it: on up to
+def measure_parity(rt: Runtime, version: str) -> dict[str, dict]:
+    """bf16 and fp16 against fp32 for a registered version (one registered by hand has no record,
+    and ``auto`` serves it in fp32), measured as a retrain measures it: on up to
     ``STILLTAG_TRAIN_PARITY_IMAGES`` of the website's validation and holdout pictures, at the cutoffs
     the version is served with, on this machine's CPU. Stored with the version; running tagging
     workers follow it at their next poll (``Tagger.maybe_switch``).
@@ -229,11 +233,11 @@ def measure_bf16(rt: Runtime, version: str) -> dict:
     from shared.learner_parts import ImageFromStore
     from shared.learner_pickle import load_learner
     from training.dataset import export_dataset
-    from training.evaluate import bf16_parity, cutoffs, predict
+    from training.evaluate import cutoffs, parity_records, predict
 
     settings = rt.settings
     if not settings.train_parity_images:
-        raise UserError("STILLTAG_TRAIN_PARITY_IMAGES is 0, which turns the bf16 measure off; set it to a "
+        raise UserError("STILLTAG_TRAIN_PARITY_IMAGES is 0, which turns the parity measure off; set it to a "
                         "number of pictures (256 by default)")
     with rt.sessions() as session:
         record = registry.get_version(session=session, version=version)
@@ -244,19 +248,20 @@ def measure_bf16(rt: Runtime, version: str) -> dict:
     vocab = [str(t) for t in learn.dls.vocab]
     read = ImageFromStore(settings.image_url, endpoint_url=settings.s3_endpoint_url, max_bytes=settings.max_image_bytes)
     per_tag = registry.tag_thresholds(record) if settings.thresholds == "per_tag" else None
-    result = bf16_parity(learn, examples, predict(learn, examples, read=read),
+    result = parity_records(learn, examples, predict(learn, examples, read=read),
                          cut=cutoffs(vocab, threshold=settings.threshold, per_tag=per_tag),
                          images=len(examples), device="cpu", read=read)
     with transaction(rt.sessions) as session:
-        registry.add_metrics(session=session, version=version, **{parity.METRICS_KEY: {"bf16": result}})
-    log.info("%s: bf16 against fp32: %s", version, _bf16_verdict(result))
+        registry.add_metrics(session=session, version=version, **{parity.METRICS_KEY: result})
+    for reduced, figures in result.items():
+        log.info("%s: %s against fp32: %s", version, reduced, _verdict(reduced, figures))
     return result
 
 
-def _bf16_verdict(record: dict) -> str:
+def _verdict(precision: str, record: dict) -> str:
     """``max 0.0059, p99 0.0043, 0 of 729 decisions flipped on 81 images: within the limits for serving in bf16``"""
     return (f"{parity.describe(record)} on {record['images']} images: "
-            f"{'within' if record['within_limits'] else 'outside'} the limits for serving in bf16")
+            f"{'within' if record['within_limits'] else 'outside'} the limits for serving in {precision}")
 
 
 def _log_progress(event: str, fields: dict) -> None:

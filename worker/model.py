@@ -88,32 +88,51 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return any(f in flags for f in NATIVE_BF16_FLAGS)
 
 
-def resolve_precision(precision: str, device: str, *, bf16_parity: dict | None = None,
+def gpu_has_bf16() -> bool:
+    """Whether this machine's GPU computes bf16 (Ampere and later)."""
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(precision: str, device: str, *, parity_records: dict[str, dict] | None = None,
                       native_bf16: bool | None = None) -> tuple[str, str]:
     """``STILLTAG_INFERENCE_PRECISION`` for this model on this device, and why, in a few words.
 
-    ``auto``: fp16 on a GPU; on a CPU, bf16 where the CPU computes it natively and the model's own
-    bf16 parity record (``bf16_parity``, measured by the retrain that made it: ``shared.parity``)
-    is within the limits; fp32 otherwise. Whether bf16 is close enough to fp32 depends on the model:
-    on one CPU it held for the demo's learner and failed for the benchmark's (README, "Precision").
-    ``native_bf16``: given by tests; read from the CPU when None.
+    ``auto`` serves a reduced precision only where the model's own parity record for it
+    (``parity_records``, by precision, measured by the retrain that made it: ``shared.parity``) is
+    within the limits, and fp32 otherwise:
+    - on a GPU, fp16 (against fp32 it was ten times closer than bf16 in every parity run: README,
+      "Precision"), else bf16 where the GPU computes it;
+    - on a CPU, bf16 where the CPU computes it natively (without, oneDNN emulates it, slower than fp32).
+    Whether a precision is close enough to fp32 depends on the model: on one CPU bf16 held for the
+    demo's learner and failed for the benchmark's. ``native_bf16``: given by tests; read from the
+    device when None.
     """
     if precision != "auto":
         if precision not in PRECISIONS:
             raise ValueError(f"inference precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
         return precision, "set"
-    if device.startswith("cuda"):
-        # fp16 rather than bf16: against fp32 it was ten times closer in every parity run (README,
-        # "Precision"), and bf16's 99th percentile was above the 0.005 a default may have.
-        return "fp16", "auto: a GPU"
-    if not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
-        return "fp32", "auto: this CPU has no native bf16"
-    if bf16_parity is None:
-        return "fp32", ("auto: the model has no bf16 parity record (registered by hand?"
+    records = parity_records or {}
+    gpu = device.startswith("cuda")
+    native = (gpu_has_bf16() if gpu else cpu_has_native_bf16()) if native_bf16 is None else native_bf16
+    candidates = ["fp16", "bf16"] if gpu else ["bf16"]
+    if not native:
+        candidates.remove("bf16")
+        if not candidates:
+            return "fp32", "auto: this CPU has no native bf16"
+    where = "a GPU" if gpu else "native bf16"
+    for reduced in candidates:
+        if parity.within_limits(records.get(reduced)):
+            figures = parity.describe(records[reduced])
+            return reduced, f"auto: {where}, and the model's {reduced} parity is within the limits ({figures})"
+    if not any(c in records for c in candidates):
+        return "fp32", (f"auto: the model has no {' or '.join(candidates)} parity record (registered by hand?"
                         " `stilltag models measure VERSION` measures it)")
-    if not parity.within_limits(bf16_parity):
-        return "fp32", f"auto: the model's bf16 parity is outside the limits ({parity.describe(bf16_parity)})"
-    return "bf16", f"auto: native bf16, and the model's bf16 parity is within the limits ({parity.describe(bf16_parity)})"
+    outside = [c for c in candidates if c in records]
+    detail = ("; ".join(f"{c}: {parity.describe(records[c])}" for c in outside) if len(outside) > 1
+              else parity.describe(records[outside[0]]))
+    return "fp32", f"auto: the model's {' and '.join(outside)} parity is outside the limits ({detail})"
 
 
 @dataclass
@@ -129,7 +148,7 @@ class TaggingModel:
     """One loaded learner: call ``predict(pixels)`` with a ``(n, h, w, 3)`` uint8 array."""
 
     def __init__(self, learn, *, version: str, device: str, precision: str = "fp32", compile_mode: str = "off",
-                 compile_batch: int | tuple[int, ...] = 0, bf16_parity: dict | None = None,
+                 compile_batch: int | tuple[int, ...] = 0, parity_records: dict[str, dict] | None = None,
                  cpu_streams: int = 1, cpu_sub_batch: int = 16):
         import torch
 
@@ -145,7 +164,7 @@ class TaggingModel:
         std = torch.tensor(stats[1] if stats else [1.0], device=self.device).view(1, -1, 1, 1)
         self.scale, self.shift = 1.0 / (self.div * std), -mean / std
         self.cuda = self.device.type == "cuda"
-        self.precision, self.precision_reason = resolve_precision(precision, str(self.device), bf16_parity=bf16_parity)
+        self.precision, self.precision_reason = resolve_precision(precision, str(self.device), parity_records=parity_records)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         # The host → device copy of the next batch runs on its own stream, so it overlaps the forward
         # pass of the one before it (worker/service.py stages a batch as soon as it is decoded).

@@ -81,7 +81,7 @@ class Tagger:
         self._last_poll = 0.0
         self._failed_version: str | None = None  # a champion that would not load, not retried until
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
-        self._bf16_record: dict | None = None  # the current model's bf16 parity record, as loaded
+        self._parity_records: dict[str, dict] = {}  # the current model's parity records, as loaded
         self.pool, self._decode_slots = prepare_pool(settings)
         # Uploads fetch and decode in a pool of their own, so that one never waits behind the
         # backfill this worker holds: where decoding is the bottleneck (a GPU, or a CPU with a fast
@@ -111,13 +111,13 @@ class Tagger:
                                   precision=self.settings.inference_precision,
                                   compile_mode=self.settings.inference_compile,
                                   compile_batch=(self.settings.max_batch, self.upload_fill),  # full, upload's
-                                  bf16_parity=parity.recorded_bf16(record.metrics),
+                                  parity_records=parity.recorded(record.metrics),
                                   cpu_streams=self.settings.cpu_streams, cpu_sub_batch=self.settings.cpu_sub_batch)
         log.info("loaded model %s (%s, %d tags) on %s at %s (%s), %s, in %.1f s", record.version, model.arch,
                  len(model.vocab), self.device, model.precision, model.precision_reason, model.describe_forward(),
                  time.perf_counter() - t0)
         self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))
-        self._bf16_record = parity.recorded_bf16(record.metrics)  # what auto decided on (maybe_switch)
+        self._parity_records = parity.recorded(record.metrics)  # what auto decided on (maybe_switch)
         old, self.model = self.model, model
         metrics.set_model(model.version, model.arch, str(self.device), model.precision)
         if old is not None:
@@ -151,30 +151,30 @@ class Tagger:
 
     def maybe_switch(self, *, force: bool = False) -> None:
         """Between batches: follow the registry's champion, and the precision ``auto`` gives it when
-        its bf16 record changes (``stilltag models measure``). A model that fails to load is not used."""
+        its parity records change (``stilltag models measure``). A model that fails to load is not used."""
         now = time.monotonic()
         if not force and now - self._last_poll < self.settings.model_poll_s:
             return
         self._last_poll = now
         try:
             with self.runtime.sessions() as session:
-                polled = registry.champion_bf16(session=session)
+                polled = registry.champion_parity(session=session)
         except Exception:
             log.exception("could not read the champion from the database; keeping %s", self.model and self.model.version)
             return
         if polled is None:
             return
-        version, bf16_record = polled
+        version, records = polled
         current = self.model
         same = current is not None and version == current.version
-        wanted = self._new_precision(bf16_record) if same else None
+        wanted = self._new_precision(records) if same else None
         if same and wanted is None:
             return
         if version == self._failed_version and now - self._failed_at < FAILED_MODEL_RETRY_S:
             return
         old = f"{current.version} at {current.precision}" if current else None
         if wanted is not None:
-            log.info("model %s's bf16 record changed: %s now (%s); loading it again", version, *wanted)
+            log.info("model %s's parity record changed: %s now (%s); loading it again", version, *wanted)
         try:
             model = self.load_champion()
             if not same:
@@ -185,14 +185,14 @@ class Tagger:
                       "re-serving" if same else "new champion", version, old, FAILED_MODEL_RETRY_S, exc)
             self._failed_version, self._failed_at = version, now
 
-    def _new_precision(self, bf16_record: dict | None) -> tuple[str, str] | None:
-        """The precision ``auto`` now gives the current model, and why, where its bf16 record changed
-        since it was loaded (``stilltag models measure``) and with it that precision; else None."""
-        if bf16_record == self._bf16_record:
+    def _new_precision(self, records: dict[str, dict]) -> tuple[str, str] | None:
+        """The precision ``auto`` now gives the current model, and why, where its parity records
+        changed since it was loaded (``stilltag models measure``) and with them that precision; else None."""
+        if records == self._parity_records:
             return None
-        wanted = resolve_precision(self.settings.inference_precision, str(self.device), bf16_parity=bf16_record)
+        wanted = resolve_precision(self.settings.inference_precision, str(self.device), parity_records=records)
         if wanted[0] == self.loaded.precision:
-            self._bf16_record = bf16_record  # the same precision: nothing to do, and not asked again
+            self._parity_records = records  # the same precision: nothing to do, and not asked again
             return None
         return wanted
 

@@ -73,7 +73,7 @@ def test_quick_bench_writes_every_measure(tmp_path):
     # Precision and parity: each reduced mode against fp32 on the (briefly trained) learner.
     # auto: bf16 only on a CPU with native bf16 and for a learner whose bf16 parity holds (README,
     # "Precision"); the worker resolved it for itself from the record stored with the champion.
-    expected = resolve_precision("auto", "cpu", bf16_parity=result["parity"]["bf16"])[0]
+    expected = resolve_precision("auto", "cpu", parity_records=result["parity"])[0]
     assert (result["precision_setting"], result["precision"], result["worker_precision"]) == ("auto", expected, expected)
     for precision in ("bf16", "fp16"):
         fig = result["parity"][precision]

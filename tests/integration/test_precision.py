@@ -155,10 +155,11 @@ def test_compiled_model_runs_full_batches_and_other_sizes_run_eagerly(tiny_learn
     np.testing.assert_allclose(small, fp32.predict(pixels[4:7]), atol=1e-6)
 
 
-def test_the_retrains_bf16_record_measures_what_the_worker_would_serve(tiny_learner, fp32, jpegs):
-    """``training.evaluate.bf16_parity`` (fastai's pipeline under autocast, as the retrain runs it)
-    against the tagging worker's own bf16 and fp32 on the same pictures: the record that decides
-    ``auto`` describes what serving in bf16 would change."""
+@pytest.mark.parametrize("reduced", ["bf16", "fp16"])
+def test_the_retrains_record_measures_what_the_worker_would_serve(tiny_learner, fp32, jpegs, reduced):
+    """``training.evaluate.reduced_parity`` (fastai's pipeline under autocast, as the retrain runs it)
+    against the tagging worker's own reduced precision and fp32 on the same pictures: the record that
+    decides ``auto`` describes what serving in that precision would change."""
     import warnings
 
     from fastai.learner import load_learner
@@ -166,7 +167,7 @@ def test_the_retrains_bf16_record_measures_what_the_worker_would_serve(tiny_lear
 
     from shared import parity
     from shared.learner_parts import Example
-    from training.evaluate import bf16_parity, predict
+    from training.evaluate import predict, reduced_parity
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,16 +177,16 @@ def test_the_retrains_bf16_record_measures_what_the_worker_would_serve(tiny_lear
     def read(example):
         return PILImage.create(jpegs[example.image_id])
 
-    record = bf16_parity(learn, examples, predict(learn, examples, read=read), cut=THRESHOLD, images=len(jpegs),
-                         read=read)
+    record = reduced_parity(learn, examples, predict(learn, examples, read=read), precision=reduced, cut=THRESHOLD,
+                            images=len(jpegs), read=read)
     assert (record["images"], record["decisions"], record["device"]) == (len(jpegs), len(jpegs) * len(fp32.vocab), "cpu")
     assert record["within_limits"] == parity.within_limits(record)
 
-    bf16 = TaggingModel.load(tiny_learner, version="v1", device="cpu", precision="bf16")
+    model = TaggingModel.load(tiny_learner, version="v1", device="cpu", precision=reduced)
     pixels = np.stack([decode_image(d, fp32.prep, max_pixels=100_000_000, jpeg_decoder="pil") for d in jpegs])
-    served = parity.figures(fp32.predict(pixels), bf16.predict(pixels), THRESHOLD)
-    print(f"retrain's record: {parity.describe(record)}; worker's bf16: {parity.describe(served)}")
-    assert record["max_diff"] > 0, "bf16 gave fp32's exact probabilities: autocast did not take effect"
+    served = parity.figures(fp32.predict(pixels), model.predict(pixels), THRESHOLD)
+    print(f"retrain's record: {parity.describe(record)}; worker's {reduced}: {parity.describe(served)}")
+    assert record["max_diff"] > 0, f"{reduced} gave fp32's exact probabilities: autocast did not take effect"
     # Two paths (fastai's NCHW batches, the worker's channels-last ones) round differently, so the
     # figures agree in size, not to the digit (here within 10 %; with the batch transforms under
     # autocast too, the record was three times the worker's).

@@ -66,8 +66,8 @@ def test_artifact_is_fetched_only_when_its_sha256_matches(sessions, store, tmp_p
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgresql"])
-def test_the_champion_poll_reads_its_bf16_record(db, tmp_path, request):
-    """What tagging workers poll: the champion's version and just its bf16 record, on both databases."""
+def test_the_champion_poll_reads_its_parity_records(db, tmp_path, request):
+    """What tagging workers poll: the champion's version and just its parity records, on both databases."""
     url = f"sqlite:///{tmp_path / 'poll.db'}" if db == "sqlite" else request.getfixturevalue("pg_url")
     upgrade(url)
     engine = make_engine(url)
@@ -76,20 +76,24 @@ def test_the_champion_poll_reads_its_bf16_record(db, tmp_path, request):
     record = {"max_diff": 0.0059, "p99_diff": 0.0043, "flip_share": 0.0, "within_limits": True}
     try:
         with sessions() as s:
-            assert registry.champion_bf16(session=s) is None
+            assert registry.champion_parity(session=s) is None
         with transaction(sessions) as s:
             registry.register(session=s, store=store, artifact=_artifact(tmp_path, b"one"), arch="resnet18",
-                              vocab=["a"], metrics={"f2": 0.5, "precision_parity": {"fp16": record}})
+                              vocab=["a"], metrics={"f2": 0.5})
             registry.promote(session=s, version="v1")
         with sessions() as s:
-            assert registry.champion_bf16(session=s) == ("v1", None)  # no bf16 record
+            assert registry.champion_parity(session=s) == ("v1", {})  # registered by hand: none
         with transaction(sessions) as s:
-            registry.add_metrics(session=s, version="v1", precision_parity={"bf16": record})
+            registry.add_metrics(session=s, version="v1", precision_parity={"fp16": record})
         with sessions() as s:
-            assert registry.champion_bf16(session=s) == ("v1", record)
+            assert registry.champion_parity(session=s) == ("v1", {"fp16": record})
+        with transaction(sessions) as s:  # ``stilltag models measure``: both, replacing what was there
+            registry.add_metrics(session=s, version="v1", precision_parity={"bf16": record, "fp16": record})
+        with sessions() as s:
+            assert registry.champion_parity(session=s) == ("v1", {"bf16": record, "fp16": record})
         with transaction(sessions) as s:
-            registry.add_metrics(session=s, version="v1", precision_parity={"bf16": "garbage"})
+            registry.add_metrics(session=s, version="v1", precision_parity={"bf16": "garbage", "fp16": record})
         with sessions() as s:
-            assert registry.champion_bf16(session=s) == ("v1", None)
+            assert registry.champion_parity(session=s) == ("v1", {"fp16": record})
     finally:
         engine.dispose()

@@ -98,19 +98,21 @@ def check_trained_version(settings, version: str) -> None:
     assert set(v.metrics["per_tag"]) == set(VOCAB)
     assert {"precision", "recall", "f2", "support"} <= set(v.metrics["per_tag"]["circle"])
     assert [e["phase"] for e in v.metrics["epochs"]] == ["frozen", "unfrozen"]
-    # bf16 against fp32 on the validation and holdout pictures: what a worker's "auto" reads.
-    bf16 = v.metrics["precision_parity"]["bf16"]
+    # bf16 and fp16 against fp32 on the validation and holdout pictures: what a worker's "auto" reads.
+    assert set(v.metrics["precision_parity"]) == {"bf16", "fp16"}
     measured = min(v.metrics["valid_size"] + v.metrics["holdout_size"], settings.train_parity_images)
-    assert (bf16["images"], bf16["decisions"], bf16["device"]) == (measured, measured * len(VOCAB), "cpu")
-    assert 0 < bf16["max_diff"] <= 0.05 and bf16["p99_diff"] <= bf16["max_diff"]
-    assert bf16["within_limits"] == parity.within_limits(bf16)
+    for reduced, fig in v.metrics["precision_parity"].items():
+        assert (fig["images"], fig["decisions"], fig["device"]) == (measured, measured * len(VOCAB), "cpu"), reduced
+        assert 0 < fig["max_diff"] <= 0.05 and fig["p99_diff"] <= fig["max_diff"], reduced
+        assert fig["within_limits"] == parity.within_limits(fig), reduced
     for name in REPORT_FILES:
         path = Path(store.location(f"{version}/report/{name}"))
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == PNG_MAGIC
     history = json.loads(Path(store.location(f"{version}/report/history.json")).read_text())
-    assert history["summary"]["bf16 against fp32"].startswith(f"{parity.describe(bf16)} on {measured} images: ")
+    for reduced, fig in v.metrics["precision_parity"].items():
+        assert history["summary"][f"{reduced} against fp32"].startswith(f"{parity.describe(fig)} on {measured} images: ")
 
 
 def check_learner_loads(settings, version: str) -> None:
@@ -184,10 +186,10 @@ def test_retrain_queue_gate_promote_rollback(make_settings, pg_url, redis_url, c
     show = cli(settings, "models", "show", "v1")
     assert show.exit_code == 0 and "holdout:  F2" in show.output and "report/index.html" in show.output
     assert "with per-tag thresholds" in show.output and "thresholds per tag" in show.output
-    bf16 = record(settings, "v1").metrics["precision_parity"]["bf16"]
-    verdict = "may" if bf16["within_limits"] else "may not"
-    assert f"  bf16:     {parity.describe(bf16)} on {bf16['images']} images against fp32: {verdict} be served" \
-        in show.output, show.output
+    for reduced, fig in record(settings, "v1").metrics["precision_parity"].items():
+        verdict = "may" if fig["within_limits"] else "may not"
+        assert f"  {reduced}:     {parity.describe(fig)} on {fig['images']} images against fp32: {verdict} be served " \
+               f"in {reduced}" in show.output, show.output
     assert all(re.search(rf"^\s+{tag}\s+0\.\d{{3}}", show.output, re.M) for tag in VOCAB), show.output
 
     # 2. A champion's recorded F2 is not what the gate compares with: make it unbeatable on record.
@@ -263,7 +265,8 @@ def test_retrain_with_no_server(make_settings, cli, monkeypatch):
     assert v1.status == "champion" and [e["phase"] for e in v1.metrics["epochs"]] == ["unfrozen"]
     assert "precision_parity" not in v1.metrics  # a tagging worker's auto serves it in fp32
     show = cli(settings, "models", "show", "v1")
-    assert "  bf16:     not measured: served in fp32 on a CPU under auto" in show.output, show.output
+    for reduced in ("bf16", "fp16"):
+        assert f"  {reduced}:     not measured: not served in {reduced} under auto" in show.output, show.output
     assert Path(Runtime(settings).model_store.location("v1/report/index.html")).is_file()
 
     # Measured afterwards, as for a version registered by hand: refused while the measure is off,
@@ -274,11 +277,12 @@ def test_retrain_with_no_server(make_settings, cli, monkeypatch):
     measured = cli(settings, "models", "measure", "v1")
     assert measured.exit_code == 0, measured.output
     v1 = record(settings, "v1")
-    bf16 = v1.metrics["precision_parity"]["bf16"]
-    assert (bf16["images"], bf16["decisions"], bf16["device"]) == (20, 20 * len(v1.vocab), "cpu")
-    assert 0 < bf16["max_diff"] <= 0.05 and bf16["within_limits"] == parity.within_limits(bf16)
+    assert set(v1.metrics["precision_parity"]) == {"bf16", "fp16"}
+    for reduced, fig in v1.metrics["precision_parity"].items():
+        assert (fig["images"], fig["decisions"], fig["device"]) == (20, 20 * len(v1.vocab), "cpu"), reduced
+        assert 0 < fig["max_diff"] <= 0.05 and fig["within_limits"] == parity.within_limits(fig), reduced
+        assert f"  {reduced}:     {parity.describe(fig)} on 20 images against fp32" in measured.output, measured.output
     assert v1.metrics["epochs"] and v1.status == "champion"  # the rest of the record is kept
-    assert f"  bf16:     {parity.describe(bf16)} on 20 images against fp32" in measured.output, measured.output
 
 
 def test_a_retrain_while_another_holds_the_redis_lock_is_skipped(make_settings, redis_url, cli):

@@ -50,11 +50,13 @@ def test_describe():
 
 
 @pytest.mark.parametrize(("metrics", "found"), [
-    ({"precision_parity": {"bf16": {"max_diff": 0.01}}}, {"max_diff": 0.01}),
-    ({"f2": 0.9}, None),  # registered by hand, or before the retrain measured it
-    (None, None),
-    ({"precision_parity": "bf16"}, None),  # malformed: not a record, not a crash
-    ({"precision_parity": {"bf16": [0.01]}}, None),
+    ({"precision_parity": {"bf16": {"max_diff": 0.01}}}, {"bf16": {"max_diff": 0.01}}),
+    ({"precision_parity": {"bf16": {"max_diff": 0.01}, "fp16": {"max_diff": 0.001}, "int8": {}}},
+     {"bf16": {"max_diff": 0.01}, "fp16": {"max_diff": 0.001}}),  # only the precisions a worker serves
+    ({"f2": 0.9}, {}),  # registered by hand, or before the retrain measured it
+    (None, {}),
+    ({"precision_parity": "bf16"}, {}),  # malformed: not a record, not a crash
+    ({"precision_parity": {"bf16": [0.01], "fp16": {"max_diff": 0.001}}}, {"fp16": {"max_diff": 0.001}}),
 ])
-def test_a_versions_bf16_record_is_read_or_none(metrics, found):
-    assert parity.recorded_bf16(metrics) == found
+def test_a_versions_parity_records_are_read_or_left_out(metrics, found):
+    assert parity.recorded(metrics) == found

@@ -49,9 +49,9 @@ OUTSIDE = {"max_diff": 0.0155, "p99_diff": 0.0107, "flip_share": 0.0017, "decisi
 
 
 def test_auto_on_a_native_bf16_cpu_serves_bf16_only_a_model_whose_record_holds():
-    assert resolve_precision("auto", "cpu", bf16_parity=WITHIN, native_bf16=True)[0] == "bf16"
-    precision, why = resolve_precision("auto", "cpu", bf16_parity=OUTSIDE, native_bf16=True)
-    assert precision == "fp32" and "outside the limits (max 0.0155, p99 0.0107, 1 of 576 decisions flipped)" in why
+    assert resolve_precision("auto", "cpu", parity_records={"bf16": WITHIN}, native_bf16=True)[0] == "bf16"
+    precision, why = resolve_precision("auto", "cpu", parity_records={"bf16": OUTSIDE, "fp16": WITHIN}, native_bf16=True)
+    assert precision == "fp32" and "bf16 parity is outside the limits (max 0.0155, p99 0.0107, 1 of 576 decisions flipped)" in why
     precision, why = resolve_precision("auto", "cpu", native_bf16=True)  # registered by hand: never measured
     assert precision == "fp32" and "no bf16 parity record" in why
 
@@ -65,12 +65,12 @@ def test_auto_on_a_native_bf16_cpu_serves_bf16_only_a_model_whose_record_holds()
     "within",
 ])
 def test_a_record_outside_any_limit_or_unreadable_keeps_fp32(record):
-    assert resolve_precision("auto", "cpu", bf16_parity=record, native_bf16=True)[0] == "fp32"
+    assert resolve_precision("auto", "cpu", parity_records={"bf16": record}, native_bf16=True)[0] == "fp32"
 
 
 def test_auto_on_a_cpu_without_native_bf16_is_fp32_whatever_the_record():
     # oneDNN emulates bf16 there, slower than fp32.
-    precision, why = resolve_precision("auto", "cpu", bf16_parity=WITHIN, native_bf16=False)
+    precision, why = resolve_precision("auto", "cpu", parity_records={"bf16": WITHIN, "fp16": WITHIN}, native_bf16=False)
     assert (precision, why) == ("fp32", "auto: this CPU has no native bf16")
 
 
@@ -87,7 +87,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(flags, native):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_explicit_precision_is_kept_on_any_device(precision):
-    assert resolve_precision(precision, "cpu", bf16_parity=OUTSIDE) == (precision, "set")
+    assert resolve_precision(precision, "cpu", parity_records={"bf16": OUTSIDE}) == (precision, "set")
     assert resolve_precision(precision, "cuda")[0] == precision
 
 
@@ -96,6 +96,23 @@ def test_unknown_precision_in_code_is_refused():
         resolve_precision("int8", "cpu")
 
 
-def test_auto_on_a_gpu_is_fp16():
-    # Decided by the parity figures (README, "Precision"); resolving needs no GPU.
-    assert resolve_precision("auto", "cuda")[0] == resolve_precision("auto", "cuda:1", bf16_parity=WITHIN)[0] == "fp16"
+def test_auto_on_a_gpu_serves_fp16_only_a_model_whose_fp16_record_holds():
+    # Resolving needs no GPU: the device is a name, and bf16 support is given.
+    assert resolve_precision("auto", "cuda", parity_records={"fp16": WITHIN, "bf16": WITHIN}, native_bf16=True)[0] == "fp16"
+    precision, why = resolve_precision("auto", "cuda:1", parity_records={"fp16": WITHIN}, native_bf16=False)
+    assert precision == "fp16" and why.startswith("auto: a GPU, and the model's fp16 parity is within the limits")
+
+
+def test_auto_on_a_gpu_falls_back_to_bf16_then_fp32():
+    assert resolve_precision("auto", "cuda", parity_records={"fp16": OUTSIDE, "bf16": WITHIN}, native_bf16=True)[0] == "bf16"
+    # A GPU without bf16 (before Ampere) never gets it, whatever its record.
+    precision, why = resolve_precision("auto", "cuda", parity_records={"fp16": OUTSIDE, "bf16": WITHIN}, native_bf16=False)
+    assert precision == "fp32" and why == ("auto: the model's fp16 parity is outside the limits "
+                                           "(max 0.0155, p99 0.0107, 1 of 576 decisions flipped)")
+    precision, why = resolve_precision("auto", "cuda", parity_records={"fp16": OUTSIDE, "bf16": OUTSIDE}, native_bf16=True)
+    assert precision == "fp32" and "fp16 and bf16 parity is outside the limits (fp16: max 0.0155" in why
+
+
+def test_auto_on_a_gpu_serves_a_model_never_measured_in_fp32():
+    precision, why = resolve_precision("auto", "cuda", native_bf16=True)  # registered by hand
+    assert precision == "fp32" and "no fp16 or bf16 parity record" in why and "stilltag models measure" in why
