@@ -116,11 +116,12 @@ def resolve_precision(precision: str, device: str, *, parity_records: dict[str, 
     records = parity_records or {}
     gpu = device.startswith("cuda")
     native = (gpu_has_bf16() if gpu else cpu_has_native_bf16()) if native_bf16 is None else native_bf16
-    candidates = ["fp16", "bf16"] if gpu else ["bf16"]
-    if not native:
-        candidates.remove("bf16")
-        if not candidates:
-            return "fp32", "auto: this CPU has no native bf16"
+    if gpu:
+        candidates = ["fp16", "bf16"] if native else ["fp16"]
+    elif native:
+        candidates = ["bf16"]
+    else:
+        return "fp32", "auto: this CPU has no native bf16"
     where = "a GPU" if gpu else "native bf16"
     for reduced in candidates:
         if parity.within_limits(records.get(reduced)):

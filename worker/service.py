@@ -106,18 +106,19 @@ class Tagger:
         if record is None:
             raise NoChampion("no champion model; register one with `stilltag models register PATH --promote`")
         path = registry.fetch_artifact(store=self.runtime.model_store, record=record, cache_dir=self.runtime.model_cache_dir)
+        records = parity.recorded(record.metrics)
         t0 = time.perf_counter()
         model = TaggingModel.load(path, version=record.version, device=self.device,
                                   precision=self.settings.inference_precision,
                                   compile_mode=self.settings.inference_compile,
                                   compile_batch=(self.settings.max_batch, self.upload_fill),  # full, upload's
-                                  parity_records=parity.recorded(record.metrics),
+                                  parity_records=records,
                                   cpu_streams=self.settings.cpu_streams, cpu_sub_batch=self.settings.cpu_sub_batch)
         log.info("loaded model %s (%s, %d tags) on %s at %s (%s), %s, in %.1f s", record.version, model.arch,
                  len(model.vocab), self.device, model.precision, model.precision_reason, model.describe_forward(),
                  time.perf_counter() - t0)
         self._cutoffs = (model.version, self.cutoffs_for(record, model.vocab))
-        self._parity_records = parity.recorded(record.metrics)  # what auto decided on (maybe_switch)
+        self._parity_records = records  # what auto decided on (maybe_switch)
         old, self.model = self.model, model
         metrics.set_model(model.version, model.arch, str(self.device), model.precision)
         if old is not None:
