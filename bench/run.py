@@ -33,6 +33,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -244,7 +245,7 @@ class Limit:
 
 
 class DecodeAndForward:
-    """The worker's own decode pool (``worker.service.prepare_pool``: its threads, slots and
+    """The worker's own decode threads (``worker.prepare_pool.PreparePool``: as many, at the same
     niceness) feeding the limit's model, in this process: each batch's JPEGs decode while the batch
     before it is in the forward pass, as in a worker, with no broker, database or events. On a CPU
     the decodes share the forward pass's cores, so this is what end to end can reach on this
@@ -252,27 +253,26 @@ class DecodeAndForward:
 
     def __init__(self, plan: Plan, limit: Limit, jpegs: list[bytes]):
         from shared.config import get_settings
-        from worker.service import prepare_pool
+        from worker.prepare_pool import PreparePool
 
         self.plan, self.model, self.jpegs = plan, limit.model, jpegs
         self.settings = get_settings()  # the environment the benchmark's worker is started with
-        self.pool, self.slots = prepare_pool(self.settings)
+        self.pool: PreparePool[np.ndarray] = PreparePool(self.settings, fetch_ahead=False)
 
     def _decode(self, data: bytes) -> np.ndarray:
         from worker.service import decode
 
-        with self.slots:
-            return decode(self.settings, data, self.model.prep)
+        return decode(self.settings, data, self.model.prep)
 
     def img_s(self) -> float:
         size = self.plan.max_batch
         batches = [self.jpegs[i:i + size] for i in range(0, len(self.jpegs), size)]
         t0 = time.perf_counter()
-        futures = [self.pool.submit(self._decode, data) for data in batches[0]]
+        futures = [self.pool.decode(partial(self._decode, data)) for data in batches[0]]
         for k in range(len(batches)):
             pixels = np.stack([f.result() for f in futures])
             if k + 1 < len(batches):  # the next batch decodes beside this one's forward pass
-                futures = [self.pool.submit(self._decode, data) for data in batches[k + 1]]
+                futures = [self.pool.decode(partial(self._decode, data)) for data in batches[k + 1]]
             self.model.predict(pixels)
         return len(self.jpegs) / (time.perf_counter() - t0)
 

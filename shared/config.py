@@ -109,11 +109,14 @@ class Settings(BaseSettings):
         description="torchvision: libjpeg-turbo and torchvision's resize, half the CPU per JPEG, within one "
                     "grey level of pil; pil: exactly learn.predict's decode and resize.",
     )
-    fetch_concurrency: int = Field(default=16, ge=1, le=512, description="Concurrent image fetches per batch.")
+    fetch_concurrency: int = Field(
+        default=16, ge=1, le=512,
+        description="Concurrent image fetches from S3 per batch (a file:// image is read by the thread that decodes it).",
+    )
     decode_workers: int = Field(
         default=0, ge=0, le=256,
-        description="Images decoded at once (fetches wait apart), and as many again for uploads, which have a "
-                    "pool of their own; 0 = one per CPU core.",
+        description="Images decoded at once (S3 fetches run apart), and as many again for uploads, which have "
+                    "threads of their own; 0 = one per CPU core.",
     )
     decode_nice: int | Literal["idle"] = Field(
         default=10,

@@ -182,11 +182,16 @@ def open_store(url: str, *, endpoint_url: str = "", max_connections: int = 16) -
     raise SettingsError(f"unsupported store URL {url!r}: use file:///path or s3://bucket/prefix")
 
 
+def is_local(url: str) -> bool:
+    """Whether a store URL (or an image URL template) names a local folder (``file://``)."""
+    return urlparse(url).scheme == "file"
+
+
 class ImageSource:
     """Reads image bytes by ID through a URL template such as ``s3://stills/{image_id}.jpg``.
 
-    One image per call; the tagging worker fetches a batch's images concurrently from its own
-    thread pool (``worker.service.Tagger``), where each image is decoded as soon as it arrives.
+    One image per call; the tagging worker fetches a batch's images concurrently from S3 in threads of
+    its own, or reads a local one in the thread that decodes it (``worker.prepare_pool``).
     """
 
     def __init__(self, template: str, *, endpoint_url: str = "", concurrency: int = 16, max_bytes: int | None = None):

@@ -1,16 +1,14 @@
 """The tagging service inside one worker process: the champion model and the four stages.
 
-fetch → decode (``prepare``, in a thread pool, per image) → predict (one forward pass per
-batch) → persist (one transaction) → publish. ``Tagger`` is made once per process, after any
-fork; the consumer (worker/consumer.py) feeds it batches.
+fetch → decode (``fetch`` and the decode it gives, per image, in the threads of
+worker/prepare_pool.py) → predict (one forward pass per batch) → persist (one transaction) →
+publish. ``Tagger`` is made once per process, after any fork; the consumer (worker/consumer.py)
+feeds it batches.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,8 +20,10 @@ from shared import parity, registry
 from shared.config import Settings, get_settings
 from shared.db import transaction
 from shared.runtime import Runtime
+from shared.stores import is_local
 from worker import metrics
 from worker.model import Staged, TaggingModel, resolve_device, resolve_precision
+from worker.prepare_pool import Fetched, PreparePool
 from worker.preprocess import ImageRejected, Preprocessing, decode_image, is_jpeg
 from worker.results import ImageResult, failed, persist_batch, publish_events, select_tags, tagged
 
@@ -82,11 +82,12 @@ class Tagger:
         self._failed_version: str | None = None  # a champion that would not load, not retried until
         self._failed_at = 0.0  # ... FAILED_MODEL_RETRY_S after this (monotonic)
         self._parity_records: dict[str, dict] = {}  # the current model's parity records, as loaded
-        self.pool, self._decode_slots = prepare_pool(settings)
+        fetch_ahead = not is_local(settings.image_url)  # S3: fetch threads; a local file: the decode thread reads it
+        self.pool: PreparePool[Prepared] = PreparePool(settings, fetch_ahead=fetch_ahead)
         # Uploads fetch and decode in a pool of their own, so that one never waits behind the
         # backfill this worker holds: where decoding is the bottleneck (a GPU, or a CPU with a fast
         # forward pass) that queue is a whole batch or two of decodes long.
-        self.upload_pool, self._upload_slots = prepare_pool(settings)
+        self.upload_pool: PreparePool[Prepared] = PreparePool(settings, fetch_ahead=fetch_ahead, name="prepare-upload")
         if settings.torch_threads:
             import torch
 
@@ -198,25 +199,34 @@ class Tagger:
         return wanted
 
     # --- stages ---------------------------------------------------------------------------
-    def prepare(self, image_id: int, prep: Preprocessing, slots: threading.BoundedSemaphore) -> Prepared:
-        """Fetch + decode one image, decoding in one of ``slots``; never raises (a bad image is a
-        result, not an error)."""
+    def prepare(self, image_id: int, prep: Preprocessing) -> Prepared:
+        """Fetch + decode one image in this thread; never raises (a bad image is a result, not an error)."""
+        fetched = self.fetch(image_id, prep)
+        return fetched() if callable(fetched) else fetched
+
+    def fetch(self, image_id: int, prep: Preprocessing) -> Fetched[Prepared]:
+        """Fetch one image: its ``Prepared`` where nothing is left to decode on the CPU (the reason it
+        cannot be tagged, or a JPEG for the device), else its decode, for a decode thread. Never raises."""
+        t0 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
             data = self.runtime.images.fetch(image_id)
             if self._device_decode(prep) and is_jpeg(data, max_pixels=self.settings.max_image_pixels):
                 metrics.DECODE.observe(time.perf_counter() - t0)
                 return Prepared(image_id, prep, jpeg=data)
-            fetched_s = time.perf_counter() - t0
-            with slots:  # the wait for a slot is queueing, not decoding: not timed
-                t1 = time.perf_counter()
-                pixels = decode(self.settings, data, prep)
-                metrics.DECODE.observe(fetched_s + time.perf_counter() - t1)
-            return Prepared(image_id, prep, pixels=pixels)
-        except ImageRejected as exc:
-            return Prepared(image_id, prep, error=str(exc))
         except Exception as exc:  # missing object, store down, ...: this image fails, not the batch
-            return Prepared(image_id, prep, error=f"{type(exc).__name__}: {exc}")
+            return _unprepared(image_id, prep, exc)
+        fetched_s = time.perf_counter() - t0
+
+        def decode_it() -> Prepared:  # the wait for a decode thread is queueing, not decoding: not timed
+            t1 = time.perf_counter()
+            try:
+                pixels = decode(self.settings, data, prep)
+            except Exception as exc:
+                return _unprepared(image_id, prep, exc)
+            metrics.DECODE.observe(fetched_s + time.perf_counter() - t1)
+            return Prepared(image_id, prep, pixels=pixels)
+
+        return decode_it
 
     @property
     def loaded(self) -> TaggingModel:
@@ -232,9 +242,8 @@ class Tagger:
 
     def submit(self, image_id: int, *, upload: bool = False) -> Future:
         """Fetch and decode an image in the background; ``upload``: in the uploads' own pool."""
-        if upload:
-            return self.upload_pool.submit(self.prepare, image_id, self.loaded.prep, self._upload_slots)
-        return self.pool.submit(self.prepare, image_id, self.loaded.prep, self._decode_slots)
+        prep = self.loaded.prep
+        return (self.upload_pool if upload else self.pool).submit(lambda: self.fetch(image_id, prep))
 
     def stage_batch(self, prepared: list[Prepared]) -> StagedBatch | None:
         """The batch's input on its way to the device (JPEGs decoded there with ``gpu_decode``)."""
@@ -288,7 +297,7 @@ class Tagger:
     def predict(self, prepared: list[Prepared], staged: StagedBatch | None = None) -> list[ImageResult]:
         """One forward pass for the images that decoded; the others fail with their reason."""
         model = self.loaded
-        prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep, self._decode_slots) for p in prepared]
+        prepared = [p if p.prep == model.prep else self.prepare(p.image_id, model.prep) for p in prepared]
         ok = [p for p in prepared if p.pixels is not None or p.jpeg is not None]
         if staged is not None and (staged.model is not model or staged.image_ids != [p.image_id for p in ok]):
             staged = None  # staged for another model (a switch in between): stage again
@@ -342,8 +351,8 @@ class Tagger:
         return self.run_batch([f.result() for f in futures])
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.upload_pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
+        self.upload_pool.shutdown()
         if self.stager is not None:
             self.stager.shutdown(wait=False, cancel_futures=True)
         if self.model is not None:
@@ -356,29 +365,11 @@ def decode(settings: Settings, data: bytes, prep: Preprocessing) -> np.ndarray:
     return decode_image(data, prep, max_pixels=settings.max_image_pixels, jpeg_decoder=settings.jpeg_decoder)
 
 
-def prepare_pool(settings: Settings) -> tuple[ThreadPoolExecutor, threading.BoundedSemaphore]:
-    """The fetch/decode threads (at ``decode_nice``) and the decode slots they share.
-
-    Fetches are I/O and many run at once; decodes are CPU work and at most ``decode_workers`` (one
-    per core by default) run at once, so that they do not crowd out the forward pass's threads."""
-    decoders = settings.decode_workers or os.cpu_count() or 1
-    pool = ThreadPoolExecutor(settings.fetch_concurrency + decoders, thread_name_prefix="prepare",
-                              initializer=_lower_priority, initargs=(settings.decode_nice,))
-    return pool, threading.BoundedSemaphore(decoders)
-
-
-def _lower_priority(nice: int | str) -> None:
-    """Lower this thread's priority (Linux threads have their own): a niceness, or ``idle``
-    (SCHED_IDLE: the thread runs only on a core nothing else wants); elsewhere nothing."""
-    if not nice or not sys.platform.startswith("linux"):
-        return
-    try:
-        if nice == "idle":
-            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(nice))
-    except OSError as exc:
-        log.warning("could not lower the decode threads' priority: %s", exc)
+def _unprepared(image_id: int, prep: Preprocessing, exc: Exception) -> Prepared:
+    """The ``Prepared`` of an image that cannot be tagged, with the reason."""
+    if isinstance(exc, ImageRejected):
+        return Prepared(image_id, prep, error=str(exc))
+    return Prepared(image_id, prep, error=f"{type(exc).__name__}: {exc}")
 
 
 _process_tagger: Tagger | None = None

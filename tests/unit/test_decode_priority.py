@@ -8,17 +8,17 @@ import pytest
 from pydantic import ValidationError
 
 from shared.config import Settings
-from worker.service import _lower_priority
+from worker.prepare_pool import lower_priority
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
 
 
 def _in_a_thread(nice) -> tuple[int, int]:
-    """The scheduling policy and niceness a new thread has after ``_lower_priority(nice)``."""
+    """The scheduling policy and niceness a new thread has after ``lower_priority(nice)``."""
     seen: list[tuple[int, int]] = []
 
     def run() -> None:
-        _lower_priority(nice)
+        lower_priority(nice)
         tid = threading.get_native_id()
         seen.append((os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)))
 
