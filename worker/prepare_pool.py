@@ -33,8 +33,8 @@ class PreparePool(Generic[T]):
     images) ``fetch_concurrency`` fetch threads in front of them."""
 
     def __init__(self, settings: Settings, *, fetch_ahead: bool, name: str = "prepare"):
-        self.decoders = settings.decode_workers or os.cpu_count() or 1
-        self._decode = _threads(self.decoders, f"{name}-decode", settings.decode_nice)
+        decoders = settings.decode_workers or os.cpu_count() or 1
+        self._decode = _threads(decoders, f"{name}-decode", settings.decode_nice)
         self._fetch = _threads(settings.fetch_concurrency, f"{name}-fetch", settings.decode_nice) if fetch_ahead else None
 
     def submit(self, fetch: Callable[[], Fetched[T]]) -> Future[T]:
@@ -84,9 +84,13 @@ class PreparePool(Generic[T]):
         self._decode.shutdown(wait=wait, cancel_futures=True)
 
 
-def _fetch_and_decode(fetch: Callable[[], Fetched[T]]) -> T:
-    got = fetch()
+def finish(got: Fetched[T]) -> T:
+    """What a fetch gave, with its decode (if any) run in this thread."""
     return got() if callable(got) else got
+
+
+def _fetch_and_decode(fetch: Callable[[], Fetched[T]]) -> T:
+    return finish(fetch())
 
 
 def _threads(count: int, name: str, nice: int | str) -> ThreadPoolExecutor:

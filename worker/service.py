@@ -23,7 +23,7 @@ from shared.runtime import Runtime
 from shared.stores import is_local
 from worker import metrics
 from worker.model import Staged, TaggingModel, resolve_device, resolve_precision
-from worker.prepare_pool import Fetched, PreparePool
+from worker.prepare_pool import Fetched, PreparePool, finish
 from worker.preprocess import ImageRejected, Preprocessing, decode_image, is_jpeg
 from worker.results import ImageResult, failed, persist_batch, publish_events, select_tags, tagged
 
@@ -201,8 +201,7 @@ class Tagger:
     # --- stages ---------------------------------------------------------------------------
     def prepare(self, image_id: int, prep: Preprocessing) -> Prepared:
         """Fetch + decode one image in this thread; never raises (a bad image is a result, not an error)."""
-        fetched = self.fetch(image_id, prep)
-        return fetched() if callable(fetched) else fetched
+        return finish(self.fetch(image_id, prep))
 
     def fetch(self, image_id: int, prep: Preprocessing) -> Fetched[Prepared]:
         """Fetch one image: its ``Prepared`` where nothing is left to decode on the CPU (the reason it
