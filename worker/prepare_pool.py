@@ -49,12 +49,18 @@ class PreparePool(Generic[T]):
                 return  # cancelled while it waited for a fetch thread
             try:
                 got = fetch()
-                if callable(got):
-                    self._decode.submit(decode_stage, got).add_done_callback(decode_cancelled)
-                else:
-                    out.set_result(got)
             except BaseException as exc:  # the caller's to see, in the future
                 out.set_exception(exc)
+                return
+            if not callable(got):
+                out.set_result(got)
+                return
+            try:
+                decoding = self._decode.submit(decode_stage, got)
+            except RuntimeError:  # the pool shut down while this fetch ran
+                out.set_exception(CancelledError("the decode pool shut down"))
+                return
+            decoding.add_done_callback(decode_cancelled)
 
         def decode_stage(decode: Callable[[], T]) -> None:
             try:

@@ -136,6 +136,26 @@ def test_shutdown_ends_every_waiting_future():
         pool.shutdown()
 
 
+def test_a_shutdown_while_a_fetch_runs_cancels_its_decode():
+    pool, fetching, shut = _pool(fetch_concurrency=1), threading.Event(), threading.Event()
+
+    def fetch():
+        fetching.set()
+        assert shut.wait(WAIT_S)
+        return lambda: "decoded"  # a decode to hand to a pool that has shut down
+
+    try:
+        future = pool.submit(fetch)
+        assert fetching.wait(WAIT_S)
+        pool.shutdown()
+        shut.set()
+        with pytest.raises(CancelledError):
+            future.result(timeout=WAIT_S)
+    finally:
+        shut.set()
+        pool.shutdown()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
 def test_both_stages_run_at_the_decode_niceness():
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
