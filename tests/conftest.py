@@ -3,6 +3,7 @@ settings built for each test, and a small real fastai learner."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -12,36 +13,51 @@ from bench.stack import claim_postgres, claim_redis_db
 from shared.config import ENV_PREFIX, Settings
 
 PG_ADMIN_URL = os.environ.get("STILLTAG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_HOST_URL = os.environ.get("STILLTAG_TEST_REDIS", "redis://127.0.0.1:6379")
+CONFIGURED_REDIS_URL = os.environ.get("STILLTAG_TEST_REDIS", "redis://127.0.0.1:6379")
 
-# The ``apart`` lane of ``pytest -n 2`` (scripts/test): the unit tests, and the tests whose workers
-# and commands reach only servers of their own (tests/servers.py). Every other test runs in the
-# ``shared`` lane, one after another: the stilltag:tagged and stilltag:retrain channels are the
-# whole Redis server's, not one DB's, so two tests on the machine's Redis would hear each other's
-# events. The fault drill and the outage tests spend most of their time waiting on timers and
-# restarts, and the unit tests fill the core that leaves idle.
-APART = (
-    "tests/unit/",
-    "tests/e2e/test_fault_drill.py::",
-    "tests/e2e/test_backfill.py::test_backfill_survives_a_redis_outage",
-    "tests/integration/test_consumer_broker.py::test_on_a_redis_without_blmove_an_idle_pop_polls",
-)
+# ``pytest -n N`` (scripts/test) runs N lanes side by side, each an xdist worker. The first lane
+# (gw0), and a run without xdist, uses the Redis server the environment names (STILLTAG_TEST_REDIS,
+# else the machine's own); every other lane starts a redis-server of its own (tests/servers.py,
+# LaneRedis). The stilltag:tagged and stilltag:retrain channels are a whole server's, not one DB's:
+# two tests running at once on one server would hear each other's events.
+_lane_redis = None
 
 
-def lane(nodeid: str) -> str:
-    return "apart" if nodeid.startswith(APART) else "shared"
+def private_redis_lane(worker: str | None) -> bool:
+    """Whether the lane of xdist worker ``worker`` (None: no xdist) starts a Redis server of its own."""
+    return worker not in (None, "gw0")
+
+
+def pytest_configure(config):
+    global _lane_redis
+    if private_redis_lane(os.environ.get("PYTEST_XDIST_WORKER")) and _lane_redis is None:
+        from tests.servers import LaneRedis
+
+        _lane_redis = LaneRedis()  # here, before any test starts a thread: it is forked with a preexec_fn
+
+
+def pytest_unconfigure(config):
+    global _lane_redis
+    if _lane_redis is not None:
+        _lane_redis.stop()
+        _lane_redis = None
+
+
+def redis_host_url() -> str:
+    """The Redis server of this lane (``redis://host:port``, no DB number)."""
+    return _lane_redis.url if _lane_redis is not None else CONFIGURED_REDIS_URL
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Two work units for pytest-xdist, the lanes; each runs its tests in their collection order."""
+    """The lanes take whole test modules (a module's tests share its module fixtures, such as
+    tests/e2e's running worker), each the next module when it is nearly done, in collection order:
+    tests/e2e, the longest, first, and the many short unit tests last, to even out the ends.
+    xdist's loadscope, without its reordering by number of tests."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class Lanes(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return lane(nodeid)
-
-    return Lanes(config, log)
+    config.option.loadscopereorder = False
+    return LoadScopeScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -72,8 +88,9 @@ def pg_database():
 
 
 def redis_database():
-    """A Redis DB number that is empty now (a context manager), claimed atomically, flushed afterwards."""
-    return claim_redis_db(REDIS_HOST_URL)
+    """A Redis DB number on this lane's server that is empty now (a context manager), claimed
+    atomically, flushed afterwards."""
+    return claim_redis_db(redis_host_url())
 
 
 @pytest.fixture
@@ -101,10 +118,20 @@ def make_settings(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_learner(tmp_path_factory) -> Path:
-    """A real exported fastai learner (resnet18 at 64 px, one epoch on generated pictures)."""
+    """A real exported fastai learner (resnet18 at 64 px, two epochs on generated pictures), trained
+    once per run: the lanes of ``pytest -n N`` share the first one's (pytest's base temporary folder
+    of a worker is a folder of the run's own)."""
     from tests.learners import train_tiny_learner
 
-    return train_tiny_learner(tmp_path_factory.mktemp("tiny-learner"))
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "tiny-learner"
+    with open(shared / "tiny-learner.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the other lanes wait for the first one's training
+        if not (folder / "export.pkl").exists():
+            folder.mkdir(exist_ok=True)
+            train_tiny_learner(folder)
+    return folder / "export.pkl"
 
 
 class S3Server:

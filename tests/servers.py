@@ -1,9 +1,11 @@
 """Private servers for fault drills: a Redis and a PostgreSQL of the test's own, on free ports, that
 the test may SIGKILL, stop and restart (the machine's own servers are never touched), and a TCP
-proxy that cuts every connection through it."""
+proxy that cuts every connection through it. Also the Redis server of one lane of ``pytest -n N``
+(:class:`LaneRedis`, tests/conftest.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 from bench.stack import free_port, poll_until
 
 START_TIMEOUT_S = 30
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def accepts(port: int) -> bool:
@@ -73,6 +76,42 @@ class PrivateRedis:
         if (self.folder / "redis.pid").exists():
             subprocess.run(["redis-cli", "-p", str(self.port), "shutdown", "nosave"], capture_output=True)
             poll_until(lambda: not accepts(self.port), START_TIMEOUT_S, "Redis stops", interval_s=0.05)
+
+
+class LaneRedis:
+    """A ``redis-server`` that keeps nothing on disk, as the machine's own, for the tests of one
+    lane of ``pytest -n N``. It runs as a child of the test process and gets SIGKILL when that
+    process ends, however it ends; start it before the process starts any thread (``preexec_fn``)."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="stilltag-lane-redis-"))
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")],
+            preexec_fn=_die_with_parent,
+        )
+        poll_until(self._answers, START_TIMEOUT_S, f"a lane's Redis on {self.port} answers", interval_s=0.02,
+                   detail=self._log)
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"redis-server for a test lane exited with {self.process.returncode}:\n{self._log()}")
+        return accepts(self.port)
+
+    def _log(self) -> str:
+        path = self.folder / "redis.log"
+        return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class PrivatePostgres:

@@ -12,7 +12,7 @@ from bench.profile import read_raw
 from bench.stack import stilltag
 from demo.synthetic import VOCAB
 from shared.config import ENV_PREFIX
-from tests.conftest import REDIS_HOST_URL
+from tests.conftest import redis_host_url
 from worker.model import resolve_precision
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -26,7 +26,7 @@ LATENCIES = ("trickle_p50_ms", "trickle_p95_ms", "behind_backfill_ms")
 def test_quick_bench_writes_every_measure(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    done = stilltag(env, "bench", "--quick", "--device", "cpu", "--redis", REDIS_HOST_URL, "--json", str(out),
+    done = stilltag(env, "bench", "--quick", "--device", "cpu", "--redis", redis_host_url(), "--json", str(out),
                     "--profile", str(tmp_path / "profile"), "--variant", "nice0:STILLTAG_DECODE_NICE=0",
                     check=False, timeout_s=840)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
