@@ -33,7 +33,7 @@ def pytest_configure(config):
     if private_redis_lane(os.environ.get("PYTEST_XDIST_WORKER")) and _lane_redis is None:
         from tests.servers import LaneRedis
 
-        _lane_redis = LaneRedis()  # here, before any test starts a thread: it is forked with a preexec_fn
+        _lane_redis = LaneRedis()
 
 
 def pytest_unconfigure(config):

@@ -5,7 +5,6 @@ proxy that cuts every connection through it. Also the Redis server of one lane o
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import shutil
@@ -20,7 +19,6 @@ from pathlib import Path
 from bench.stack import free_port, poll_until
 
 START_TIMEOUT_S = 30
-PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def accepts(port: int) -> bool:
@@ -81,16 +79,15 @@ class PrivateRedis:
 class LaneRedis:
     """A ``redis-server`` that keeps nothing on disk, as the machine's own, for the tests of one
     lane of ``pytest -n N``. It runs as a child of the test process and gets SIGKILL when that
-    process ends, however it ends; start it before the process starts any thread (``preexec_fn``)."""
+    process ends, however it ends (util-linux's ``setpriv --pdeathsig``)."""
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="stilltag-lane-redis-"))
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")],
-            preexec_fn=_die_with_parent,
+            ["setpriv", "--pdeathsig", "KILL", "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")],
         )
         poll_until(self._answers, START_TIMEOUT_S, f"a lane's Redis on {self.port} answers", interval_s=0.02,
                    detail=self._log)
@@ -108,10 +105,6 @@ class LaneRedis:
         self.process.kill()
         self.process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class PrivatePostgres:
