@@ -30,7 +30,7 @@ def private_redis_lane(worker: str | None) -> bool:
 
 def pytest_configure(config):
     global _lane_redis
-    if private_redis_lane(os.environ.get("PYTEST_XDIST_WORKER")) and _lane_redis is None:
+    if private_redis_lane(os.environ.get("PYTEST_XDIST_WORKER")):
         from tests.servers import LaneRedis
 
         _lane_redis = LaneRedis()

@@ -48,7 +48,7 @@ def test_a_lane_s_redis_keeps_nothing_on_disk_and_stops():
 def test_a_lane_s_redis_dies_with_the_test_process_that_started_it():
     """A lane killed outright (xdist losing a worker, a SIGKILL) leaves no redis-server behind."""
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom tests.servers import LaneRedis\n"
+        [sys.executable, "-c", "import time\nfrom tests.servers import LaneRedis\n"
                                "print(LaneRedis().port, flush=True)\ntime.sleep(600)"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
