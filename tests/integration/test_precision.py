@@ -20,7 +20,19 @@ CLOSE = 0.05  # a sanity bound: a broken autocast (wrong dtype, no normalisation
 
 @pytest.fixture(scope="module")
 def jpegs():
-    return [make_picture(2000 + i, seed=11, size=size).jpeg(quality=92) for i, size in enumerate(SIZES * 2)]
+    return _pictures(SIZES * 2)
+
+
+def _pictures(sizes):
+    return [make_picture(2000 + i, seed=11, size=size).jpeg(quality=92) for i, size in enumerate(sizes)]
+
+
+@pytest.fixture(scope="module")
+def parity_jpegs():
+    """Enough pictures for a parity record's tail to be a tail: 48 give 432 decisions, whose p99
+    lies between the sixth and fifth largest differences (of 12 pictures' 108, between the third
+    and the second, and one picture's rounding could move it by half)."""
+    return _pictures(SIZES * 8)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +168,7 @@ def test_compiled_model_runs_full_batches_and_other_sizes_run_eagerly(tiny_learn
 
 
 @pytest.mark.parametrize("reduced", ["bf16", "fp16"])
-def test_the_retrains_record_measures_what_the_worker_would_serve(tiny_learner, fp32, jpegs, reduced):
+def test_the_retrains_record_measures_what_the_worker_would_serve(tiny_learner, fp32, parity_jpegs, reduced):
     """``training.evaluate.reduced_parity`` (fastai's pipeline under autocast, as the retrain runs it)
     against the tagging worker's own reduced precision and fp32 on the same pictures: the record that
     decides ``auto`` describes what serving in that precision would change."""
@@ -172,6 +184,7 @@ def test_the_retrains_record_measures_what_the_worker_would_serve(tiny_learner, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         learn = load_learner(tiny_learner, cpu=True)
+    jpegs = parity_jpegs
     examples = [Example(i, ()) for i in range(len(jpegs))]
 
     def read(example):
@@ -188,7 +201,8 @@ def test_the_retrains_record_measures_what_the_worker_would_serve(tiny_learner, 
     print(f"retrain's record: {parity.describe(record)}; worker's {reduced}: {parity.describe(served)}")
     assert record["max_diff"] > 0, f"{reduced} gave fp32's exact probabilities: autocast did not take effect"
     # Two paths (fastai's NCHW batches, the worker's channels-last ones) round differently, so the
-    # figures agree in size, not to the digit (here within 10 %; with the batch transforms under
-    # autocast too, the record was three times the worker's).
-    for key in ("max_diff", "p99_diff"):
-        assert served[key] / 1.5 <= record[key] <= served[key] * 1.5, key
+    # figures agree in size, not to the digit. Over 14 freshly trained learners the record's p99 was
+    # 0.84-1.23 of the worker's and its max, one difference alone, 0.72-1.23; with the batch
+    # transforms under autocast too, the record was three times the worker's.
+    for key, factor in (("p99_diff", 1.5), ("max_diff", 2)):
+        assert served[key] / factor <= record[key] <= served[key] * factor, key
