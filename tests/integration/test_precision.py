@@ -201,8 +201,8 @@ def test_the_retrains_record_measures_what_the_worker_would_serve(tiny_learner, 
     print(f"retrain's record: {parity.describe(record)}; worker's {reduced}: {parity.describe(served)}")
     assert record["max_diff"] > 0, f"{reduced} gave fp32's exact probabilities: autocast did not take effect"
     # Two paths (fastai's NCHW batches, the worker's channels-last ones) round differently, so the
-    # figures agree in size, not to the digit. Over 14 freshly trained learners the record's p99 was
-    # 0.84-1.23 of the worker's and its max, one difference alone, 0.72-1.23; with the batch
-    # transforms under autocast too, the record was three times the worker's.
-    for key, factor in (("p99_diff", 1.5), ("max_diff", 2)):
-        assert served[key] / factor <= record[key] <= served[key] * factor, key
+    # figures agree in size, not to the digit. Over 14 freshly trained learners (bf16 and fp16) the
+    # record's p99 was 0.84-1.23 of the worker's and its max 0.72-1.23; on 12 pictures one max was
+    # 1.52. With the batch transforms under autocast too, the record was three times the worker's.
+    for key in ("max_diff", "p99_diff"):
+        assert served[key] / 1.5 <= record[key] <= served[key] * 1.5, key
