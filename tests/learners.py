@@ -11,8 +11,9 @@ def train_tiny_learner(
     workdir: Path, *, n_images: int = 64, size: int = 64, epochs: int = 2, seed: int = 0, lr: float = 1e-3
 ) -> Path:
     """Train a tiny multi-label learner the way the seed project did and ``export()`` it. ``seed``
-    decides the pictures, their order and the initial weights: the same arguments give the same
-    learner in every run, so a test on its figures passes or fails for good, not by the draw."""
+    decides the pictures, their order and the initial weights: on one machine, the same arguments
+    (and torch thread count) give the same learner in every run, so a test on its figures passes or
+    fails for good, not by the draw."""
     from fastai.torch_core import set_seed
     from fastai.vision.all import resnet18, vision_learner
 

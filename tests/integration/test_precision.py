@@ -29,9 +29,9 @@ def _pictures(sizes):
 
 @pytest.fixture(scope="module")
 def parity_jpegs():
-    """Enough pictures for a parity record's tail to be a tail: 48 give 432 decisions, whose p99
-    lies between the sixth and fifth largest differences (of 12 pictures' 108, between the third
-    and the second, and one picture's rounding could move it by half)."""
+    """Enough pictures for a parity record's tail to be a tail: the p99 of 48 pictures' 432
+    decisions lies between the sixth and the fifth largest differences; of 12 pictures' 108 it lay
+    between the third and the second, and one picture could move it by half."""
     return _pictures(SIZES * 8)
 
 
